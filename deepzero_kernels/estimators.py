@@ -1,0 +1,263 @@
+"""Zeroth-order gradient estimators: coordinate-wise (CGE) and randomized (RGE), eq. (1).
+
+Both return a dict ``{name: tensor}`` over the model's trainable parameters that can be used
+directly as ``.grad`` (see :meth:`CGE.backward`), so any ``torch.optim`` optimizer can step on it.
+Estimation never changes parameters or buffers (BatchNorm running statistics included).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+from .engine import DeltaEngine, check_no_dropout, per_sample_cross_entropy
+from .ops import check_mu, resolve_backend
+
+__all__ = ["CGE", "RGE", "assign_grads", "check_batch", "check_masks"]
+
+
+def check_batch(model: nn.Module, x, y) -> None:
+    """``x``/``y`` must be tensors with one batch size, on the model's device and dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError("x and y need a batch dimension")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has batch size {x.shape[0]} but y has {y.shape[0]}")
+    if x.shape[0] == 0:
+        raise ValueError("the batch is empty")
+    p = next(model.parameters(), None)
+    if p is not None:
+        if x.device != p.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {p.device}")
+        if y.device != p.device:
+            raise ValueError(f"y is on {y.device} but the model's parameters are on {p.device}")
+        if x.is_floating_point() and x.dtype != p.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters have dtype {p.dtype}")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        raise ValueError("x contains non-finite values (nan or inf)")
+
+
+def check_masks(params: dict, masks) -> dict:
+    """Validate ``masks`` (name -> bool tensor shaped like the parameter)."""
+    if masks is None:
+        return {}
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict of parameter name -> bool tensor, got {type(masks).__name__}")
+    for name, m in masks.items():
+        if name not in params:
+            raise ValueError(f"masks names an unknown or frozen parameter {name!r}; trainable parameters "
+                             f"are: {', '.join(params) or 'none'}")
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise TypeError(f"masks[{name!r}] must be a bool tensor, got "
+                            f"{m.dtype if isinstance(m, torch.Tensor) else type(m).__name__}")
+        if m.shape != params[name].shape:
+            raise ValueError(f"masks[{name!r}] has shape {tuple(m.shape)} but the parameter has shape "
+                             f"{tuple(params[name].shape)}")
+    return masks
+
+
+def assign_grads(model: nn.Module, grads: dict) -> None:
+    """Write ``grads`` into ``p.grad`` so that a ``torch.optim`` optimizer can step on them."""
+    params = dict(model.named_parameters())
+    for name, g in grads.items():
+        p = params[name]
+        if p.grad is None:
+            p.grad = g.detach().clone()
+        else:
+            p.grad.copy_(g)
+
+
+class _Estimator:
+    def __init__(self, model, loss_fn, mu, backend):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.mu = check_mu(mu)
+        self.backend = backend
+        p = next(model.parameters(), None)
+        resolve_backend(backend, p.device if p is not None else None)
+        self.last_loss = float("nan")
+        self.last_output = None
+        self.num_perturbations = 0
+        self.last_seconds = 0.0
+
+    def trainable(self) -> dict:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def backward(self, *args, **kwargs) -> dict:
+        """Like :meth:`estimate`, and also write the estimate into each parameter's ``.grad``."""
+        grads = self.estimate(*args, **kwargs)
+        assign_grads(self.model, grads)
+        return grads
+
+
+class CGE(_Estimator):
+    """Coordinate-wise gradient estimate: ``g_i = mean_b(l_b(theta + mu e_i) - l_b(theta)) / mu``.
+
+    Args:
+        model: the network; estimates follow its mode (train: BatchNorm with the statistics of
+            each perturbed batch; eval: running statistics).
+        loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-sample losses for a batch of any size N
+            (the engine passes the targets repeated to match a chunk of perturbations). Default:
+            per-sample cross-entropy, evaluated in closed form at the logits.
+        mu: finite-difference step, > 0.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` for the fused ops.
+        memory_budget: bytes one chunk of perturbations may use (default: 1 GiB on CPU, a quarter
+            of free memory on a GPU). ``chunk_size`` fixes the chunk length instead.
+
+    After :meth:`estimate`, ``last_loss`` (mean unperturbed loss), ``last_output`` (unperturbed
+    outputs) and ``num_perturbations`` (running total) describe the work done.
+    """
+
+    def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None):
+        super().__init__(model, loss_fn, mu, backend)
+        self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size)
+
+    def estimate(self, x, y, masks=None, *, on_chunk=None) -> dict:
+        """Estimate the gradient of the mean loss on batch ``(x, y)``.
+
+        Args:
+            x: input batch ``(B, ...)``; y: targets ``(B, ...)``.
+            masks: optional ``{name: bool tensor}``; coordinates outside a mask get 0. A
+                parameter without a mask is estimated densely; an all-False mask estimates nothing.
+            on_chunk: optional callback ``on_chunk(param_name, k)`` after each chunk (progress).
+        Returns:
+            ``{name: tensor}`` for every parameter with ``requires_grad``, shaped like it.
+        """
+        params = self.trainable()
+        check_batch(self.model, x, y)
+        masks = check_masks(params, masks)
+        coords = {}
+        for name, p in params.items():
+            m = masks.get(name)
+            coords[name] = (torch.arange(p.numel(), device=p.device) if m is None
+                            else m.reshape(-1).nonzero().squeeze(1).to(p.device))
+        t0 = time.perf_counter()
+        out, base_loss, diffs = self.engine.run(x, y, coords, self.mu, on_chunk=on_chunk)
+        self.last_seconds = time.perf_counter() - t0
+        self.last_output = out.detach()
+        self.last_loss = float(base_loss.mean())
+        grads = {}
+        for name, p in params.items():
+            g = torch.zeros(p.numel(), dtype=torch.float64, device=p.device)
+            if coords[name].numel():
+                g[coords[name]] = diffs[name].mean(1) / self.mu
+            grads[name] = g.to(p.dtype).reshape(p.shape)
+            self.num_perturbations += coords[name].numel()
+        return grads
+
+
+class RGE(_Estimator):
+    """Randomized gradient estimate, eq. (1):
+    ``g = (1/q) sum_i (l(theta + mu u_i) - l(theta)) / mu * u_i`` with unit-norm Gaussian
+    directions ``u_i`` over all trainable parameters (so ``E[g] ~ grad / d``). The q
+    perturbed models are evaluated in batches (``torch.func.vmap``), not one by one.
+    """
+
+    def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, backend="auto", chunk_size=None):
+        super().__init__(model, loss_fn, mu, backend)
+        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
+            raise ValueError(f"q must be a positive int, got {q!r}")
+        self.q = q
+        self.chunk_size = chunk_size
+
+    def directions(self, names, generator=None) -> torch.Tensor:
+        """``(q, d)`` unit-norm Gaussian directions over the parameters ``names`` (concatenated)."""
+        params = dict(self.model.named_parameters())
+        d = sum(params[n].numel() for n in names)
+        p0 = params[names[0]]
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.randn(self.q, d, generator=generator, dtype=torch.float64, device=gen_device)
+        u = u / u.norm(dim=1, keepdim=True)
+        return u.to(device=p0.device, dtype=p0.dtype)
+
+    def estimate(self, x, y, generator=None, *, names=None, directions=None) -> dict:
+        """Estimate the gradient on ``(x, y)``; returns ``{name: tensor}`` for every trainable
+        parameter. ``generator`` seeds the directions; ``names`` restricts the perturbed
+        parameters (others get 0); ``directions`` supplies the ``(q, d)`` directions directly."""
+        params = self.trainable()
+        check_batch(self.model, x, y)
+        names = list(params) if names is None else list(names)
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise ValueError(f"unknown or frozen parameters: {unknown}")
+        if not names:
+            return {n: torch.zeros_like(p) for n, p in params.items()}
+        u = self.directions(names, generator) if directions is None else directions
+        t0 = time.perf_counter()
+        diffs, out, base_loss = batched_losses(self.model, self.loss_fn, x, y, names, self.mu * u,
+                                               chunk_size=self.chunk_size)
+        self.last_seconds = time.perf_counter() - t0
+        self.last_output, self.last_loss = out.detach(), float(base_loss.mean())
+        self.num_perturbations += u.shape[0]
+        coef = diffs.mean(1) / self.mu  # (q,)
+        flat = (coef.to(u.dtype)[:, None] * u).sum(0) / u.shape[0]
+        grads, off = {}, 0
+        for n, p in params.items():
+            if n in names:
+                grads[n] = flat[off:off + p.numel()].reshape(p.shape).clone()
+                off += p.numel()
+            else:
+                grads[n] = torch.zeros_like(p)
+        return grads
+
+
+@torch.no_grad()
+def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None):
+    """Per-sample loss changes ``(Q, B)`` (float64) of the model with the parameters ``names``
+    shifted by each row of ``steps`` ``(Q, d)`` (concatenated in ``names`` order), evaluated as
+    vmapped batches of functional calls. Returns ``(diffs, base_output, base_losses)``. Buffers
+    are restored; in train mode each shifted model uses the statistics of its own batch."""
+    loss_fn = loss_fn or per_sample_cross_entropy
+    check_no_dropout(model)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    saved = {n: b.clone() for n, b in buffers.items()}
+    try:
+        base_out = model(x)
+        base = _check_losses(loss_fn(base_out, y), x.shape[0]).double()
+        q = steps.shape[0]
+        kmax = chunk_size or max(1, min(q, 32))
+        sizes = [params[n].numel() for n in names]
+        diffs = []
+        for lo in range(0, q, kmax):
+            st = steps[lo:lo + kmax]
+            k = st.shape[0]
+            pert, off = {}, 0
+            for n, s in zip(names, sizes):
+                pert[n] = params[n].unsqueeze(0) + st[:, off:off + s].reshape((k,) + tuple(params[n].shape))
+                off += s
+            fixed = {n: p for n, p in params.items() if n not in pert}
+            bufs = {n: b.unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in buffers.items()}
+
+            def run(pp, bb):
+                return torch.func.functional_call(model, ({**fixed, **pp}, bb), (x,))
+
+            try:
+                out = torch.func.vmap(run, randomness="error")(pert, bufs)
+            except Exception:  # ops vmap cannot batch: one shifted model at a time
+                out = torch.stack([torch.func.functional_call(model, ({**fixed, **{n: t[i] for n, t in pert.items()}},
+                                                                      {n: b.clone() for n, b in buffers.items()}), (x,))
+                                   for i in range(k)])
+            b = x.shape[0]
+            reps = [1] * y.dim()
+            losses = _check_losses(loss_fn(out.reshape((k * b,) + tuple(out.shape[2:])), y.repeat(k, *reps[1:])), k * b)
+            diffs.append(losses.reshape(k, b).double() - base[None, :])
+        return torch.cat(diffs), base_out, base
+    finally:
+        for n, b in model.named_buffers():
+            b.copy_(saved[n])
+
+
+def _check_losses(losses, n):
+    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"loss_fn must return per-sample losses of shape ({n},), got {shape}")
+    return losses
