@@ -527,6 +527,7 @@ class Rules:
         """Evaluate the node on each perturbation's inputs: vmap over K, else a plain loop."""
         ctx = self.ctx
         k = ctx.k
+        ctx.engine.fallback_counts[f"{node.op}:{getattr(node.target, '__name__', node.target)}"] += 1
         changed = [a for a in node.all_input_nodes if ctx.rep(a) is not None]
         perturbed = [ctx.perturbed_value(a) for a in changed]  # (K, ...) each
         yb = ctx.base(node)

@@ -10,8 +10,7 @@ perturb-forward-restore loop where even that cannot run.
 """
 from __future__ import annotations
 
-import math
-import operator
+import collections
 import warnings
 
 import torch
@@ -142,6 +141,8 @@ class DeltaEngine:
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters())
         self.num_loss_calls = 0
+        # Nodes evaluated by the dense per-perturbation fallback (no delta rule): for profiling.
+        self.fallback_counts = collections.Counter()
 
     # ------------------------------------------------------------------ tracing
     def _trace(self):

@@ -1,0 +1,645 @@
+"""DeepZero trainer: ``python -m deepzero_kernels.train`` (Algorithm 2 of the paper).
+
+Pipeline: ZO-GraSP scores at initialisation -> global pruning -> layer-wise densities (LPR) ->
+random masks obeying them, redrawn every ``--mask-interval`` epochs -> sparse CGE (or RGE, or
+first-order backprop as the baseline) -> SGD with momentum, weight decay, warm-up and a cosine
+or step schedule.
+
+Reproducibility: every random choice (init, ZO-GraSP directions, masks, data order,
+augmentation, RGE directions) comes from an explicit generator whose state is checkpointed, so
+``--resume`` continues bit for bit. Run ``python -m deepzero_kernels.train --help`` for flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import data as D
+from .models import build_model
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "deepzero_kernels.train/1"
+MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "mlp")
+# Flags that only change speed or display: they may differ when a run is resumed.
+RESUME_FREE = {"resume", "out", "progress", "threads", "device", "backend", "memory_budget",
+               "eval_batch_size"}
+
+PAPER_RECIPE = ("python -m deepzero_kernels.train --dataset cifar10 --data-dir DIR --model resnet20 "
+                "--estimator cge --sparsity 0.9 --sparsity-method zo_grasp --grasp-q 192 --mu 5e-3 "
+                "--lr 0.1 --scheduler cosine --warmup-epochs 0 --momentum 0.9 --weight-decay 5e-4 "
+                "--batch-size 256 --epochs 50 --mask-interval 5")
+
+
+# ----------------------------------------------------------------------------- CLI
+def _shape(s: str):
+    try:
+        shape = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 3,32,32, got {s!r}")
+    if not shape or any(v < 1 for v in shape):
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {s!r}")
+    return list(shape)
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m deepzero_kernels.train",
+        description="Zeroth-order (DeepZero) training: ZO-GraSP layer densities, sparse CGE with "
+                    "random masks redrawn periodically, SGD. The default trains the App. B CNN "
+                    "on scikit-learn's digits.",
+        epilog="Paper recipe (CIFAR-10, ResNet-20, Sec. 6.1):\n  " + PAPER_RECIPE,
+        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=100),
+        argument_default=argparse.SUPPRESS if suppress_defaults else None)
+    d = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", choices=("digits", "cifar10", "synthetic"), default=d("digits"),
+                   help="digits: sklearn's 8x8 digits (embedded); cifar10: python-format batches in "
+                        "--data-dir; synthetic: Gaussian inputs, see --synthetic-shape")
+    g.add_argument("--data-dir", default=d("data"),
+                   help="CIFAR-10 directory (cifar-10-batches-py or its parent)")
+    g.add_argument("--synthetic-shape", type=_shape, default=d([3, 32, 32]), metavar="C,H,W",
+                   help="input shape of the synthetic dataset")
+    g.add_argument("--synthetic-size", type=_shape, default=d([512, 256]), metavar="NTRAIN,NTEST",
+                   help="train and test sizes of the synthetic dataset")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=d(True),
+                   help="disable CIFAR-10 random crop + flip")
+    g.add_argument("--model", choices=MODELS, default=d("cnn"), help="network")
+    g.add_argument("--depth", type=int, default=d(2), help="conv blocks of the App. B CNN")
+    g.add_argument("--width", type=int, default=d(16),
+                   help="channels of the App. B CNN (MLP: hidden = 4 x width)")
+    g = p.add_argument_group("zeroth-order estimation and sparsity")
+    g.add_argument("--estimator", choices=("cge", "rge", "fo"), default=d("cge"),
+                   help="cge: coordinate-wise (DeepZero); rge: randomized; fo: backprop baseline")
+    g.add_argument("--q", type=int, default=d(0),
+                   help="RGE directions per step; 0 = as many as CGE's queries (the paper's Fig. 2 "
+                        "comparison, q = d)")
+    g.add_argument("--mu", type=float, default=d(5e-3), help="finite-difference step (CGE, RGE, ZO-GraSP)")
+    g.add_argument("--sparsity", type=float, default=d(0.5),
+                   help="fraction of conv/linear weights NOT estimated per step, in [0, 1)")
+    g.add_argument("--sparsity-method", choices=("zo_grasp", "random", "none"), default=d("zo_grasp"),
+                   help="layer densities from ZO-GraSP (paper), uniform (random), or dense (none)")
+    g.add_argument("--grasp-q", type=int, default=d(192), help="RGE directions used by ZO-GraSP")
+    g.add_argument("--mask-interval", type=int, default=d(5),
+                   help="redraw the random masks every this many epochs (K_sparse)")
+    g.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default=d("auto"),
+                   help="fused-op backend of the estimators")
+    g.add_argument("--memory-budget", type=int, default=d(None), metavar="BYTES",
+                   help="bytes one chunk of CGE perturbations may use (default: engine's choice)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d(20), help="training epochs")
+    g.add_argument("--batch-size", type=int, default=d(128), help="training batch size")
+    g.add_argument("--eval-batch-size", type=int, default=d(1000), help="evaluation batch size")
+    g.add_argument("--lr", type=float, default=d(0.1), help="peak learning rate")
+    g.add_argument("--momentum", type=float, default=d(0.9), help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=d(5e-4), help="SGD weight decay")
+    g.add_argument("--warmup-epochs", type=float, default=d(1.0),
+                   help="linear warm-up length in epochs (may be fractional)")
+    g.add_argument("--scheduler", choices=("cosine", "step"), default=d("cosine"),
+                   help="after warm-up: cosine decay to 0, or x0.1 at 50%% and 75%% of training")
+    g.add_argument("--seed", type=int, default=d(0), help="seed of every random generator")
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default=d("auto"), help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=d(0), help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--out", default=d(None), metavar="DIR",
+                   help="write metrics.jsonl, config.json, densities.json, checkpoint.pt, metrics.png")
+    g.add_argument("--resume", default=d(None), metavar="DIR",
+                   help="continue the run saved in DIR exactly (its config is reused)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=d(True),
+                   help="no tqdm progress bar")
+    return p
+
+
+def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Range and combination checks: every failure is an argparse error (exit code 2)."""
+    def need(ok, msg):
+        if not ok:
+            p.error(msg)
+    finite = lambda v: v is not None and math.isfinite(v)  # noqa: E731
+    need(finite(a.sparsity) and 0 <= a.sparsity < 1, f"--sparsity must be in [0, 1), got {a.sparsity}")
+    need(finite(a.mu) and a.mu > 0, f"--mu must be > 0, got {a.mu}")
+    need(finite(a.lr) and a.lr > 0, f"--lr must be > 0, got {a.lr}")
+    need(finite(a.momentum) and 0 <= a.momentum < 1, f"--momentum must be in [0, 1), got {a.momentum}")
+    need(finite(a.weight_decay) and a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}")
+    need(a.epochs >= 1, f"--epochs must be >= 1, got {a.epochs}")
+    need(finite(a.warmup_epochs) and 0 <= a.warmup_epochs <= a.epochs,
+         f"--warmup-epochs must be in [0, --epochs={a.epochs}], got {a.warmup_epochs}")
+    need(a.batch_size >= 1, f"--batch-size must be >= 1, got {a.batch_size}")
+    need(a.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {a.eval_batch_size}")
+    need(a.mask_interval >= 1, f"--mask-interval must be >= 1, got {a.mask_interval}")
+    need(a.q >= 0, f"--q must be >= 0 (0 = q equal to CGE's queries), got {a.q}")
+    need(a.grasp_q >= 1, f"--grasp-q must be >= 1, got {a.grasp_q}")
+    need(a.depth >= 1, f"--depth must be >= 1, got {a.depth}")
+    need(a.width >= 1, f"--width must be >= 1, got {a.width}")
+    need(a.threads >= 0, f"--threads must be >= 0, got {a.threads}")
+    need(a.memory_budget is None or a.memory_budget > 0, f"--memory-budget must be > 0, got {a.memory_budget}")
+    need(not (a.sparsity > 0 and a.sparsity_method == "none"),
+         f"--sparsity {a.sparsity} with --sparsity-method none: use --sparsity 0 for dense training "
+         f"or pick zo_grasp/random")
+    if a.dataset == "synthetic":
+        need(len(a.synthetic_size) == 2, "--synthetic-size takes two numbers: NTRAIN,NTEST")
+    if a.model.startswith("resnet") or a.model == "cnn":
+        shape = a.synthetic_shape if a.dataset == "synthetic" else None
+        need(shape is None or len(shape) == 3, f"--model {a.model} needs a C,H,W --synthetic-shape, got "
+                                               f"{','.join(map(str, shape or []))}")
+    if a.model == "mlp" and a.dataset == "synthetic":
+        need(len(a.synthetic_shape) == 3, "--model mlp with synthetic data needs a C,H,W --synthetic-shape")
+    if a.device != "auto":
+        try:
+            dev = torch.device(a.device)
+        except RuntimeError:
+            p.error(f"--device: not a device: {a.device!r}")
+        need(dev.type != "cuda" or torch.cuda.is_available(), f"--device {a.device}: CUDA is not available")
+
+
+def parse_args(argv=None):
+    """Parse and validate; with ``--resume`` the saved config is loaded and explicit flags
+    must agree with it (except speed/display flags). Returns ``(config dict, parser)``."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    if a.resume is not None:
+        explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+        if a.out is not None and os.path.abspath(a.out) != os.path.abspath(a.resume):
+            p.error(f"--out {a.out} differs from --resume {a.resume}: a resumed run writes to its own directory")
+        try:
+            saved = load_config(a.resume)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+        for k, v in explicit.items():
+            if k in RESUME_FREE:
+                continue
+            if k in saved and saved[k] != v:
+                p.error(f"--{k.replace('_', '-')} {v} differs from the run being resumed "
+                        f"({saved[k]}); a resumed run keeps its configuration")
+        merged = dict(saved)
+        merged.update({k: v for k, v in vars(a).items() if k in RESUME_FREE})
+        merged.update({k: v for k, v in explicit.items() if k in RESUME_FREE})
+        merged["out"] = a.resume
+        a = argparse.Namespace(**{**vars(a), **merged})
+    validate(p, a)
+    cfg = vars(a)
+    if cfg["sparsity"] == 0:
+        cfg["sparsity_method"] = "none"
+    return cfg, p
+
+
+def load_config(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"--resume {run_dir}: no such directory")
+    if not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+        raise FileNotFoundError(f"--resume {run_dir}: no {CHECKPOINT} there (nothing to resume)")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)["config"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume {run_dir}: config.json is missing")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--resume {run_dir}: config.json is corrupt ({e})")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--resume {run_dir}: config.json is corrupt (config is not an object)")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- pieces
+class LRSchedule:
+    """Multiplier of the peak lr at optimizer step ``t`` (per step, so warm-up is smooth).
+    A plain object (not a lambda) so LambdaLR's state_dict stores it."""
+
+    def __init__(self, kind: str, warmup_steps: int, total_steps: int):
+        self.kind, self.warmup_steps, self.total_steps = kind, warmup_steps, total_steps
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup_steps:
+            return (t + 1) / self.warmup_steps
+        rest = max(1, self.total_steps - self.warmup_steps)
+        frac = min(1.0, (t - self.warmup_steps) / rest)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        return 0.1 ** ((frac >= 0.5) + (frac >= 0.75))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_data(cfg) -> D.Dataset:
+    if cfg["dataset"] == "synthetic":
+        return D.synthetic(cfg["synthetic_shape"], n_train=cfg["synthetic_size"][0],
+                           n_test=cfg["synthetic_size"][1], seed=cfg["seed"])
+    if cfg["dataset"] == "cifar10":
+        return D.cifar10(cfg["data_dir"], augment=cfg["augment"])
+    return D.digits()
+
+
+def make_model(cfg, ds: D.Dataset) -> nn.Module:
+    torch.manual_seed(cfg["seed"])  # model init is the only user of the global RNG
+    return build_model(cfg["model"], in_channels=ds.in_channels, num_classes=ds.num_classes,
+                       image_size=ds.image_size, depth=cfg["depth"], width=cfg["width"])
+
+
+def prunable(model: nn.Module) -> list:
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def has_running_stats(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules())
+
+
+def generators(seed: int) -> dict:
+    # Separate streams so that, e.g., changing the estimator does not change the data order.
+    return {k: torch.Generator().manual_seed(seed * 1000 + i)
+            for i, k in enumerate(("data", "aug", "mask", "est", "grasp"))}
+
+
+def atomic_write_bytes(path: str, write) -> None:
+    """Write via a temporary file in the same directory, fsync, then ``os.replace``: a crash
+    leaves either the old or the new file, never a truncated one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def load_checkpoint(run_dir: str, cfg: dict) -> dict:
+    path = os.path.join(run_dir, CHECKPOINT)
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {e}); "
+                              f"it was left untouched") from e
+    if not isinstance(ck, dict) or ck.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint (format "
+                              f"{ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r})")
+    saved = ck.get("config", {})
+    diff = {k: (saved.get(k), cfg.get(k)) for k in set(saved) | set(cfg)
+            if k not in RESUME_FREE and saved.get(k) != cfg.get(k)}
+    if diff:
+        raise CheckpointError(f"checkpoint {path} does not match {run_dir}/config.json: "
+                              + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(diff.items())))
+    return ck
+
+
+# ----------------------------------------------------------------------------- training
+def _on_step_end(epoch: int, step: int) -> None:
+    """Hook called at every step boundary (tests raise KeyboardInterrupt here)."""
+
+
+class _SigintFlag:
+    """First Ctrl-C: stop at the next step boundary (state consistent, checkpoint written).
+    Second Ctrl-C: the default KeyboardInterrupt, immediately."""
+
+    def __init__(self):
+        self.requested = False
+        self.old = None
+
+    def __enter__(self):
+        try:
+            self.old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: keep the default behaviour
+            self.old = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step (press again to abort at once)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+@torch.no_grad()
+def evaluate(model, ds: D.Dataset, batch_size: int, device) -> tuple:
+    was = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, ds.x_test.shape[0]
+    for idx in D.batches(n, batch_size, shuffle=False):
+        x = ds.prepare(ds.x_test[idx].to(device), train=False)
+        y = ds.y_test[idx].to(device)
+        out = model(x)
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    model.train(was)
+    return loss_sum / n, correct / n
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        from tqdm import tqdm
+        tqdm.write(msg)
+    else:
+        print(msg, flush=True)
+
+
+def run(cfg: dict, log=None) -> dict:
+    """Train with the resolved config ``cfg`` (see :func:`parse_args`); returns a summary dict.
+    Raises :class:`CheckpointError` for unusable checkpoints and ``KeyboardInterrupt`` is turned
+    into ``summary['interrupted'] = True`` after a checkpoint has been written."""
+    progress = cfg.get("progress", True)
+    log = log or (lambda m: _log(m, progress))
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
+    device = resolve_device(cfg["device"])
+    out_dir = cfg.get("out")
+    resume = cfg.get("resume") is not None
+    semantic = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+
+    ck = None
+    if resume:
+        ck = load_checkpoint(out_dir, semantic)  # before any write: never overwrite a bad run
+    elif out_dir is not None:
+        if os.path.exists(os.path.join(out_dir, CHECKPOINT)):
+            raise CheckpointError(f"--out {out_dir} already holds a run ({CHECKPOINT}); resume it with "
+                                  f"--resume {out_dir} or choose another directory")
+        os.makedirs(out_dir, exist_ok=True)
+
+    ds = load_data(cfg).to(device)
+    model = make_model(cfg, ds).to(device)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    gens = generators(cfg["seed"])
+    steps_per_epoch = math.ceil(ds.x_train.shape[0] / cfg["batch_size"])
+    total_steps = steps_per_epoch * cfg["epochs"]
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                          weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, LRSchedule(cfg["scheduler"], round(cfg["warmup_epochs"] * steps_per_epoch), total_steps))
+
+    est_name = cfg["estimator"]
+    densities, masks, grasp_info = None, None, {}
+    if est_name != "fo" or cfg["sparsity_method"] != "none":
+        import deepzero_kernels as dz  # the engine; imported lazily so FO-only runs need less
+    if ck is None and cfg["sparsity_method"] != "none":
+        names = prunable(model)
+        if cfg["sparsity_method"] == "zo_grasp":
+            # ZO-GraSP on one training batch drawn from its own generator (paper: q=192, same mu).
+            idx = torch.randperm(ds.x_train.shape[0], generator=gens["grasp"])[:cfg["batch_size"]]
+            xb = ds.prepare(ds.x_train[idx].to(device), train=False)
+            t0 = time.perf_counter()
+            scores = dz.zo_grasp_scores(model, xb, ds.y_train[idx].to(device), q=cfg["grasp_q"],
+                                        mu=cfg["mu"], generator=gens["grasp"])
+            densities = dz.layer_densities(dz.prune_masks(scores, cfg["sparsity"]))
+            grasp_info = {"seconds": time.perf_counter() - t0, "queries": 2 * cfg["grasp_q"] + 2}
+        else:
+            densities = {n: 1.0 - cfg["sparsity"] for n in names}
+    if ck is not None:
+        densities = ck["densities"]
+        grasp_info = ck["grasp"]
+
+    est = None
+    d_active = None
+    if est_name in ("cge", "rge"):
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        d_active = sum(round(densities[n] * p.numel()) if densities and n in densities else p.numel()
+                       for n, p in params.items())
+        if est_name == "cge":
+            est = dz.CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"])
+        else:
+            est = dz.RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active, backend=cfg["backend"])
+
+    # ---- state that the checkpoint carries
+    state = {"epoch": 0, "step": 0, "perm": None, "history": [], "best_acc": -1.0, "best_epoch": 0,
+             "elapsed": 0.0, "perturbations": 0, "forwards": 0,
+             "ep": {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0, "perturbations": 0}}
+    if ck is not None:
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            sched.load_state_dict(ck["scheduler"])
+            for k, g in gens.items():
+                g.set_state(ck["rng"][k])
+            torch.set_rng_state(ck["rng"]["torch"])
+            masks = None if ck["masks"] is None else {k: v.to(device) for k, v in ck["masks"].items()}
+            state.update(ck["state"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {os.path.join(out_dir, CHECKPOINT)} does not match the "
+                                  f"model/optimizer of its config ({type(e).__name__}: {e})") from e
+        if state["perm"] is not None and state["perm"].numel() != ds.x_train.shape[0]:
+            raise CheckpointError(f"checkpoint was made with {state['perm'].numel()} training samples, "
+                                  f"the dataset now has {ds.x_train.shape[0]}")
+        log(f"resumed {out_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
+    elif out_dir is not None:
+        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(
+            {"config": semantic, "derived": {"parameters": n_params, "steps_per_epoch": steps_per_epoch,
+                                             "active_coordinates": d_active, "device": str(device),
+                                             "dataset": {"train": ds.x_train.shape[0], "test": ds.x_test.shape[0],
+                                                         "input_shape": list(ds.input_shape)}}},
+            indent=2))
+        if densities is not None:
+            atomic_write_text(os.path.join(out_dir, "densities.json"), json.dumps(
+                {"sparsity": cfg["sparsity"], "method": cfg["sparsity_method"], "layers": densities,
+                 "overall": sum(densities[n] * dict(model.named_parameters())[n].numel() for n in densities)
+                 / sum(dict(model.named_parameters())[n].numel() for n in densities)}, indent=2))
+
+    def save_checkpoint():
+        if out_dir is None:
+            return
+        ck_out = {"format": FORMAT, "config": semantic, "model": model.state_dict(),
+                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                  "masks": None if masks is None else {k: v.cpu() for k, v in masks.items()},
+                  "densities": densities, "grasp": grasp_info,
+                  "rng": {**{k: g.get_state() for k, g in gens.items()}, "torch": torch.get_rng_state()},
+                  "state": state}
+        atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), lambda f: torch.save(ck_out, f))
+
+    def write_metrics():
+        if out_dir is not None:
+            atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
+                              "".join(json.dumps(h) + "\n" for h in state["history"]))
+
+    if state["epoch"] == 0 and state["step"] == 0:
+        log(f"{cfg['dataset']}: {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test, input "
+            f"{tuple(ds.input_shape)}; model {cfg['model']} ({n_params} parameters); estimator "
+            f"{est_name}" + (f" ({d_active} queries/step)" if d_active else "") + f"; device {device}")
+        if densities is not None:
+            log("layer densities (" + cfg["sparsity_method"] + "): "
+                + ", ".join(f"{k}={v:.3f}" for k, v in densities.items()))
+
+    bn_forward = est is not None and has_running_stats(model)
+    t_start = time.perf_counter() - state["elapsed"]
+    interrupted = False
+    consistent = True
+    try:
+        with _SigintFlag() as sigint:
+            from tqdm import tqdm
+            while state["epoch"] < cfg["epochs"]:
+                epoch = state["epoch"]
+                if state["step"] == 0:
+                    # Alg. 2: redraw masks every K_sparse epochs; then this epoch's data order.
+                    if densities is not None and epoch % cfg["mask_interval"] == 0:
+                        masks = {k: v.to(device) for k, v in
+                                 dz.random_masks(model, densities, generator=gens["mask"]).items()}
+                    state["perm"] = torch.randperm(ds.x_train.shape[0], generator=gens["data"])
+                    state["ep"] = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0, "perturbations": 0}
+                ep = state["ep"]
+                bar = tqdm(total=steps_per_epoch, initial=state["step"], disable=not progress,
+                           desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, dynamic_ncols=True)
+                while state["step"] < steps_per_epoch:
+                    consistent = False
+                    t0 = time.perf_counter()
+                    s = state["step"]
+                    idx = state["perm"][s * cfg["batch_size"]:(s + 1) * cfg["batch_size"]]
+                    x = ds.prepare(ds.x_train[idx.to(ds.x_train.device)].to(device), train=True,
+                                   generator=gens["aug"])
+                    y = ds.y_train[idx.to(ds.y_train.device)].to(device)
+                    opt.zero_grad(set_to_none=True)
+                    if est is None:
+                        out = model(x)
+                        loss = F.cross_entropy(out, y)
+                        loss.backward()
+                        out, loss_val, perts, fwd = out.detach(), loss.item(), 0, 3  # fwd + bwd ~ 3 fwd
+                    else:
+                        before = est.num_perturbations
+                        if est_name == "cge":
+                            est.backward(x, y, masks=masks)
+                        else:
+                            est.backward(x, y, generator=gens["est"])
+                            # Unit-norm directions give E[g] = grad / d: rescale to an unbiased
+                            # estimate so the same lr works for every estimator.
+                            for p in model.parameters():
+                                if p.grad is not None:
+                                    p.grad.mul_(d_active)
+                        perts = est.num_perturbations - before
+                        fwd = perts + 1
+                        out, loss_val = est.last_output, est.last_loss
+                        if bn_forward:  # estimation leaves BN running stats alone: update them here
+                            with torch.no_grad():
+                                model(x)
+                            fwd += 1
+                    if masks is not None and est_name != "cge":
+                        for n, p in model.named_parameters():  # sparse gradient for FO / RGE
+                            if n in masks and p.grad is not None:
+                                p.grad.mul_(masks[n])
+                    opt.step()
+                    sched.step()
+                    b = y.shape[0]
+                    ep["loss"] += loss_val * b
+                    ep["correct"] += int((out.argmax(1) == y).sum())
+                    ep["n"] += b
+                    ep["perturbations"] += perts
+                    state["perturbations"] += perts
+                    state["forwards"] += fwd
+                    dt = time.perf_counter() - t0
+                    ep["seconds"] += dt
+                    state["step"] += 1
+                    consistent = True
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{ep['loss'] / ep['n']:.3f}", acc=f"{100 * ep['correct'] / ep['n']:.1f}",
+                                    lr=f"{opt.param_groups[0]['lr']:.4f}",
+                                    pert_s=f"{ep['perturbations'] / max(ep['seconds'], 1e-9):.0f}", refresh=False)
+                    _on_step_end(epoch, state["step"])
+                    if sigint.requested:
+                        raise KeyboardInterrupt
+                bar.close()
+                test_loss, test_acc = evaluate(model, ds, cfg["eval_batch_size"], device)
+                rec = {"epoch": epoch + 1, "train_loss": ep["loss"] / ep["n"], "train_acc": ep["correct"] / ep["n"],
+                       "test_loss": test_loss, "test_acc": test_acc, "lr": opt.param_groups[0]["lr"],
+                       "seconds": ep["seconds"], "perturbations": ep["perturbations"],
+                       "perturbations_per_s": ep["perturbations"] / max(ep["seconds"], 1e-9),
+                       "masks_redrawn": densities is not None and epoch % cfg["mask_interval"] == 0}
+                state["history"].append(rec)
+                if test_acc > state["best_acc"]:
+                    state["best_acc"], state["best_epoch"] = test_acc, epoch + 1
+                state["epoch"] += 1
+                state["step"] = 0
+                state["perm"] = None
+                state["elapsed"] = time.perf_counter() - t_start
+                save_checkpoint()
+                write_metrics()
+                log(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} acc "
+                    f"{100 * rec['train_acc']:5.1f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.1f}%  "
+                    f"lr {rec['lr']:.4f}  {rec['perturbations_per_s']:.0f} pert/s  {rec['seconds']:.1f}s"
+                    + ("  [masks redrawn]" if rec["masks_redrawn"] else ""))
+    except KeyboardInterrupt:
+        interrupted = True
+        state["elapsed"] = time.perf_counter() - t_start
+        if consistent:
+            save_checkpoint()
+            where = f"epoch {state['epoch'] + 1}, step {state['step']}"
+            log(f"interrupted at {where}" + (f"; checkpoint written, continue with --resume {out_dir}"
+                                              if out_dir else " (no --out: nothing saved)"))
+        else:
+            log("interrupted mid-step; the checkpoint of the last completed epoch is kept")
+    wall = time.perf_counter() - t_start
+    summary = {"best_test_acc": max(state["best_acc"], 0.0), "best_epoch": state["best_epoch"],
+               "final_test_acc": state["history"][-1]["test_acc"] if state["history"] else None,
+               "epochs_done": state["epoch"], "wall_seconds": wall, "perturbations": state["perturbations"],
+               "forward_equivalents": state["forwards"] + grasp_info.get("queries", 0),
+               "zo_grasp_queries": grasp_info.get("queries", 0), "parameters": n_params,
+               "active_coordinates": d_active, "interrupted": interrupted, "history": state["history"]}
+    if out_dir is not None and state["history"]:
+        try:
+            plot(state["history"], os.path.join(out_dir, "metrics.png"), title=f"{cfg['model']} on {cfg['dataset']}, {est_name}")
+        except ImportError as e:  # matplotlib is optional at run time
+            log(f"no plot: {e}")
+    log(f"{'interrupted' if interrupted else 'done'}: best test acc {100 * summary['best_test_acc']:.2f}% "
+        f"(epoch {summary['best_epoch']}), wall time {wall:.1f}s, forward-equivalents "
+        f"{summary['forward_equivalents']:,} ({summary['perturbations']:,} perturbed evaluations"
+        + (f", {summary['zo_grasp_queries']} ZO-GraSP" if summary["zo_grasp_queries"] else "") + ")")
+    return summary
+
+
+def plot(history: list, path: str, title: str = "") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [h["epoch"] for h in history]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.plot(ep, [h["train_loss"] for h in history], label="train")
+    a1.plot(ep, [h["test_loss"] for h in history], label="test")
+    a1.set_xlabel("epoch"); a1.set_ylabel("loss"); a1.legend()
+    a2.plot(ep, [100 * h["train_acc"] for h in history], label="train")
+    a2.plot(ep, [100 * h["test_acc"] for h in history], label="test")
+    a2.set_xlabel("epoch"); a2.set_ylabel("accuracy (%)"); a2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    cfg, parser = parse_args(argv)
+    try:
+        summary = run(cfg)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, D.DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 130 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared test helpers: the naive definitions every fast path is checked against."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+def ce(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+@torch.no_grad()
+def naive_cge(model, x, y, mu, loss_fn=None, masks=None):
+    """The definition: perturb one coordinate in place, full forward in the same mode, mean of
+    per-sample loss differences, restore. Buffers (BN running stats) are restored too."""
+    loss_fn = loss_fn or ce
+    bufs = {n: b.clone() for n, b in model.named_buffers()}
+    base = loss_fn(model(x), y).double()
+    out = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = torch.zeros(p.numel(), dtype=torch.float64)
+        m = None if masks is None or n not in masks else masks[n].reshape(-1)
+        for i in range(p.numel()):
+            if m is not None and not m[i]:
+                continue
+            old = p.view(-1)[i].clone()
+            p.view(-1)[i] += mu
+            g[i] = (loss_fn(model(x), y).double() - base).mean() / mu
+            p.view(-1)[i] = old
+            for bn, b in model.named_buffers():
+                b.copy_(bufs[bn])
+        out[n] = g.view(p.shape)
+    return out
+
+
+def rel_err(est: dict, ref: dict) -> float:
+    """Largest per-parameter relative error (norm). A parameter whose true gradient is zero (a
+    bias before a train-mode BatchNorm) is judged against 1e-3 of the whole gradient's norm:
+    the naive loop's own rounding noise (~1e-16 * loss / mu) dominates there."""
+    total = sum(r.double().square().sum() for r in ref.values()).sqrt().item()
+    worst = 0.0
+    for n, r in ref.items():
+        e = est[n].double()
+        scale = max(r.norm().item(), 1e-3 * total, 1e-300)
+        worst = max(worst, (e - r).norm().item() / scale)
+    return worst
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in list(model.state_dict().items())}
+
+
+def assert_bitwise_unchanged(model, snap):
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), f"{k} changed"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
