@@ -99,7 +99,7 @@ def test_random_mlp(seed, train):
 @pytest.mark.parametrize("option", ["A", "B"])
 @pytest.mark.parametrize("train", [True, False])
 def test_resnet(option, train):
-    model = CifarResNet(1, num_classes=4, widths=(4, 6, 8), option=option).train(train)
+    model = CifarResNet(1, num_classes=4, widths=(2, 4, 4), option=option).train(train)
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     check(model, x, torch.randint(0, 4, (3,)), chunk_size=5)
 

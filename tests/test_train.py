@@ -1,0 +1,163 @@
+"""Trainer CLI: smoke runs on tiny synthetic data, exact resume, checkpoint errors, bad flags.
+
+Runs call ``train.main(argv)`` in-process (no interpreter start-up per run); one test runs the
+real ``python -m deepzero_kernels.train`` to check the module entry point.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deepzero_kernels import train
+
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-size", "48,24",
+        "--model", "cnn", "--width", "4", "--depth", "2", "--batch-size", "16", "--grasp-q", "4",
+        "--no-progress", "--threads", "1"]
+
+
+def engine_available():
+    try:
+        from deepzero_kernels import CGE  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_engine = pytest.mark.skipif(not engine_available(), reason="the CGE engine is not importable")
+
+
+def test_fo_smoke_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "1", "--out", str(out)]) == 0
+    for f in ("metrics.jsonl", "config.json", "checkpoint.pt", "metrics.png"):
+        assert (out / f).is_file(), f
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 1 and rec[0]["epoch"] == 1 and 0 <= rec[0]["test_acc"] <= 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["estimator"] == "fo" and cfg["derived"]["steps_per_epoch"] == 3
+    assert "best test acc" in capsys.readouterr().out
+
+
+@needs_engine
+@pytest.mark.parametrize("estimator,method", [("cge", "zo_grasp"), ("rge", "random")])
+def test_zo_smoke(tmp_path, estimator, method):
+    out = tmp_path / "run"
+    argv = TINY + ["--estimator", estimator, "--sparsity-method", method, "--sparsity", "0.5",
+                   "--epochs", "1", "--q", "8", "--out", str(out)]
+    assert train.main(argv) == 0
+    dens = json.loads((out / "densities.json").read_text())
+    assert set(dens["layers"]) == {"features.0.weight", "features.4.weight", "fc.weight"}
+    assert abs(dens["overall"] - 0.5) < 0.02
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["epoch"] == 1 and ck["state"]["perturbations"] > 0
+    for name, m in ck["masks"].items():
+        assert abs(m.float().mean().item() - dens["layers"][name]) < 0.02
+
+
+def _final_weights(out):
+    return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
+
+
+def _history(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "perturbations_per_s")}
+            for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@needs_engine
+@pytest.mark.parametrize("stop_at", [(0, 3), (1, 1)], ids=["after-epoch-1", "mid-epoch-2"])
+def test_resume_is_bitwise_exact(tmp_path, monkeypatch, stop_at):
+    argv = TINY + ["--estimator", "cge", "--sparsity", "0.5", "--mask-interval", "1", "--epochs", "3"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert train.main(argv + ["--out", full]) == 0
+
+    def interrupt(epoch, step):
+        if (epoch, step) == stop_at:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "_on_step_end", interrupt)
+    assert train.main(argv + ["--out", part]) == 130
+    ck = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
+    assert (ck["state"]["epoch"], ck["state"]["step"]) == stop_at
+    monkeypatch.setattr(train, "_on_step_end", lambda e, s: None)
+    assert train.main(["--resume", part, "--no-progress"]) == 0
+
+    a, b = _final_weights(full), _final_weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bitwise, buffers (BN running stats) included
+    assert _history(full) == _history(part)
+    # Resuming a finished run does nothing and succeeds.
+    assert train.main(["--resume", part, "--no-progress"]) == 0
+    assert len(_history(part)) == 3
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "1"]
+    assert train.main(base + ["--out", str(out)]) == 0
+    (out / "checkpoint.pt").write_bytes(b"garbage")
+    assert train.main(["--resume", str(out), "--no-progress"]) == 1
+    assert "corrupt" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == b"garbage"  # never overwritten
+
+
+def test_mismatched_checkpoint_and_existing_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "2"]
+    assert train.main(base + ["--out", str(out)]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    # A fresh run must not overwrite an existing one.
+    assert train.main(base + ["--out", str(out)]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    # config.json edited so that it no longer matches the checkpoint.
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["config"]["width"] = 8
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert train.main(["--resume", str(out), "--no-progress"]) == 1
+    assert "does not match" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # Resuming with a different training flag is a usage error.
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(out), "--lr", "0.5"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("bad", [
+    ["--sparsity", "1.0"], ["--sparsity", "-0.1"], ["--sparsity", "nan"], ["--mu", "0"], ["--mu", "-1e-3"],
+    ["--model", "vgg"], ["--estimator", "sgd"], ["--epochs", "0"], ["--lr", "0"], ["--batch-size", "0"],
+    ["--mask-interval", "0"], ["--momentum", "1.0"], ["--warmup-epochs", "30", "--epochs", "5"],
+    ["--sparsity", "0.9", "--sparsity-method", "none"], ["--synthetic-shape", "3,x"], ["--q", "-1"],
+    ["--width", "0"], ["--resume", "/nonexistent/run"], ["--device", "nonsense"], ["--unknown-flag"],
+])
+def test_bad_flags_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(bad)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_entry_point_help():
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "deepzero_kernels.train", "--help"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 0
+    for flag in ("--dataset", "--sparsity-method", "--mask-interval", "--resume", "--warmup-epochs"):
+        assert flag in r.stdout
+    assert "default: 5e-3" in r.stdout.replace("0.005", "5e-3") and "resnet20" in r.stdout
+
+
+def test_lr_schedule_shape():
+    s = train.LRSchedule("cosine", warmup_steps=10, total_steps=110)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.5) and s(110) == pytest.approx(0.0)
+    st = train.LRSchedule("step", warmup_steps=0, total_steps=100)
+    assert [st(0), st(50), st(75)] == pytest.approx([1.0, 0.1, 0.01])
+
+
+@pytest.mark.slow
+def test_default_run_reaches_90_percent():
+    summary = train.run(train.parse_args(["--no-progress"])[0])
+    assert summary["best_test_acc"] >= 0.90
+    assert summary["wall_seconds"] <= 300
