@@ -1,16 +1,22 @@
 """Typed deltas and their propagation rules: the core abstraction of the delta engine.
 
 For a chunk of K perturbations every graph node's value is represented relative to the
-unperturbed ("base") forward pass:
+unperturbed ("base") forward pass. All representations are sample-major: the perturbation
+index k is dim 1, right after the batch dim (dim 0 for a tensor without dims), so that
+``(B, K, C, ...)`` merges into a batch of ``B*K`` samples for convolutions and pooling and
+views as ``(B, K*C, ...)`` for per-perturbation BatchNorm statistics, both without copies.
 
 * ``None``: the node is unchanged by every perturbation of the chunk;
 * :class:`ChannelDelta`: only one channel per perturbation changes (``index[k]`` along dim 1 of
-  the tensor viewed as ``(B, C, *inner)``), by ``values[k]`` of shape ``(B, *inner)``;
-* :class:`DenseDelta`: any change, ``values`` of shape ``(K, *base.shape)``.
+  the tensor viewed as ``(B, C, *inner)``), by ``values[:, k]`` of shape ``(B, *inner)``;
+* :class:`DenseDelta`: any change, the difference ``values`` of shape ``(B, K, *base.shape[1:])``;
+* :class:`DenseValue`: any change, given as the perturbed values themselves, same shape.
 
-Deltas are differences (perturbed minus base), not perturbed values: linear operations act on
-the delta alone and the loss change is taken in closed form, so float32 estimates do not lose
-their digits to a difference of two nearly equal losses.
+Channel deltas are exact differences: linear operations act on the delta alone and the loss
+change is taken in closed form, so float32 estimates keep their digits. Once a delta is dense,
+nonlinear operations (batch-statistics BatchNorm, activations, max pooling) run on perturbed
+values, which costs one memory pass where an exact delta formula costs several; the difference
+to the base is taken once, at the logits, per sample.
 
 A rule maps the representations of a node's inputs to that of its output. Channel-local
 operations (BatchNorm, activations, pooling, padding, shortcuts) keep a channel delta a channel
@@ -31,13 +37,13 @@ from torch.fx import Node
 
 from .ops import batch_norm_delta, conv_padding, _pair
 
-__all__ = ["ChannelDelta", "DenseDelta", "propagate", "densify"]
+__all__ = ["ChannelDelta", "DenseDelta", "DenseValue", "Rules", "densify", "to_values", "kdim"]
 
 
 @dataclass
 class ChannelDelta:
     index: torch.Tensor   # (K,) channel changed by each perturbation
-    values: torch.Tensor  # (K, B, *inner) change of that channel
+    values: torch.Tensor  # (B, K, *inner) change of that channel
     view: tuple           # (C, *inner): the tensor's shape[1:] as seen by ``index``
 
     @property
@@ -47,27 +53,46 @@ class ChannelDelta:
 
 @dataclass
 class DenseDelta:
-    values: torch.Tensor  # (K, *base.shape)
+    values: torch.Tensor  # (B, K, *base.shape[1:]): perturbed minus base
 
-    @property
-    def k(self) -> int:
-        return self.values.shape[0]
+
+@dataclass
+class DenseValue:
+    values: torch.Tensor  # (B, K, *base.shape[1:]): the perturbed values
+
+
+def kdim(base) -> int:
+    """Where the perturbation dim sits for a node whose base value is ``base``."""
+    return 1 if base.dim() >= 1 else 0
+
+
+def expand_base(base: torch.Tensor) -> torch.Tensor:
+    """``base`` shaped to broadcast against sample-major ``(B, K, ...)`` values."""
+    return base.unsqueeze(kdim(base))
+
+
+def to_values(rep, base: torch.Tensor) -> torch.Tensor:
+    """The ``(B, K, ...)`` perturbed values of any representation."""
+    if isinstance(rep, DenseValue):
+        return rep.values
+    return expand_base(base) + densify(rep, base)
 
 
 def densify(rep, base: torch.Tensor) -> torch.Tensor:
-    """The ``(K, *base.shape)`` delta of a ChannelDelta or DenseDelta."""
+    """The ``(B, K, ...)`` delta of any representation."""
     if isinstance(rep, DenseDelta):
         return rep.values
-    k, b = rep.k, base.shape[0]
-    full = rep.values.new_zeros((k, b) + tuple(rep.view))
-    full[torch.arange(k, device=full.device), :, rep.index] = rep.values
-    return full.reshape((k,) + tuple(base.shape))
+    if isinstance(rep, DenseValue):
+        return rep.values - expand_base(base)
+    b, k = rep.values.shape[:2]
+    full = rep.values.new_zeros((b, k) + tuple(rep.view))
+    full[:, torch.arange(k, device=full.device), rep.index] = rep.values
+    return full.reshape((b, k) + tuple(base.shape[1:]))
 
 
 def gather_channels(t: torch.Tensor, rep: ChannelDelta) -> torch.Tensor:
-    """Channel ``rep.index[k]`` of base tensor ``t`` for every k: ``(K, B, *inner)``."""
-    b = t.shape[0]
-    return t.reshape((b,) + tuple(rep.view)).index_select(1, rep.index).transpose(0, 1)
+    """Channel ``rep.index[k]`` of base tensor ``t`` for every k: ``(B, K, *inner)``."""
+    return t.reshape((t.shape[0],) + tuple(rep.view)).index_select(1, rep.index)
 
 
 def _true_layout(rep: ChannelDelta, base: torch.Tensor) -> bool:
@@ -75,9 +100,13 @@ def _true_layout(rep: ChannelDelta, base: torch.Tensor) -> bool:
     return tuple(rep.view) == tuple(base.shape[1:])
 
 
-def _flat(values: torch.Tensor, base_shape) -> torch.Tensor:
-    """Merge the K and B dims: ``(K, B, ...) -> (K*B, ...)``."""
-    return values.reshape((-1,) + tuple(base_shape[1:]))
+def _flat(values: torch.Tensor) -> torch.Tensor:
+    """Merge the B and K dims: ``(B, K, ...) -> (B*K, ...)``, a batch of B*K samples."""
+    return values.reshape((-1,) + tuple(values.shape[2:]))
+
+
+def _unflat(out: torch.Tensor, b: int, k: int) -> torch.Tensor:
+    return out.reshape((b, k) + tuple(out.shape[1:]))
 
 
 # ----------------------------------------------------------------------------- op descriptions
@@ -115,16 +144,11 @@ def uses_batch_stats(bn) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def channel_shape(ndim: int, lead: int = 0) -> tuple:
-    """Shape that broadcasts a per-channel vector against a ``(*lead, B, C, ...)`` tensor."""
-    return (-1,) + (1,) * (ndim - 2)
-
-
 # ----------------------------------------------------------------------------- rules
 class Rules:
     """Propagation rules. ``ctx`` gives the base value of a node (``ctx.base(n)``), its delta
     representation (``ctx.rep(n)``), the module of a call_module node (``ctx.module(node)``) and
-    per-node precomputations (``ctx.aux``)."""
+    BatchNorm statistics of the base pass (``ctx.bn_stats``)."""
 
     def __init__(self, ctx):
         self.ctx = ctx
@@ -223,7 +247,8 @@ class Rules:
         ctx = self.ctx
         if node.op == "call_module":
             mod = ctx.module(node)
-            return mod
+            # An in-place module would overwrite values other nodes may still read.
+            return (lambda t: mod(t.clone())) if getattr(mod, "inplace", False) else mod
         rest = [ctx.value(a) for a in node.args[1:]]
         kwargs = {k: ctx.value(v) for k, v in node.kwargs.items()}
         kwargs.pop("inplace", None)
@@ -253,21 +278,16 @@ class Rules:
         x = self._x(node)
         rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
         fn = self._fn(node)
+        if not isinstance(rep, ChannelDelta):
+            return DenseValue(fn(to_values(rep, xb)))
+        x0, d = gather_channels(xb, rep), rep.values
         relu = (node.op == "call_module" and type(ctx.module(node)) is nn.ReLU) or \
-            (node.op != "call_module" and node.target in (F.relu, torch.relu, "relu"))
-        if isinstance(rep, ChannelDelta):
-            x0, y0 = gather_channels(xb, rep), None
-        else:
-            x0 = xb
-        d = rep.values
+            (node.op != "call_module" and node.target in (F.relu, torch.relu, "relu", "relu_"))
         if relu:  # exact: where x > 0 the change is max(d, -x), else relu(x + d)
             out = torch.where(x0 > 0, torch.maximum(d, -x0), torch.clamp_min(x0 + d, 0))
         else:
-            y0 = gather_channels(yb, rep) if isinstance(rep, ChannelDelta) else yb
-            out = fn(x0 + d) - y0
-        if isinstance(rep, ChannelDelta):
-            return ChannelDelta(rep.index, out, rep.view)
-        return DenseDelta(out)
+            out = fn(x0 + d) - gather_channels(yb, rep)
+        return ChannelDelta(rep.index, out, rep.view)
 
     def _pool(self, node, linear: bool):
         if not self._only_first_changed(node):
@@ -275,29 +295,24 @@ class Rules:
         ctx = self.ctx
         x = self._x(node)
         rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
-        if isinstance(yb, (tuple, list)):
-            return NotImplemented  # return_indices=True
+        if isinstance(yb, (tuple, list)) or xb.dim() < 3:
+            return NotImplemented  # return_indices=True, or an unbatched input
         fn = self._fn(node)
         if isinstance(rep, ChannelDelta):
             if not _true_layout(rep, xb):
                 return NotImplemented
-            k, b = rep.k, xb.shape[0]
-            inner = rep.values.shape[2:]
-            v = rep.values.reshape((k * b, 1) + tuple(inner))
-            if linear:
-                out = fn(v)
-            else:
-                out = fn(v + gather_channels(xb, rep).reshape(v.shape))
-                out = out - gather_channels(yb, ChannelDelta(rep.index, None, tuple(yb.shape[1:]))).reshape(out.shape)
-            out = out.reshape((k, b) + tuple(out.shape[2:]))
-            return ChannelDelta(rep.index, out, tuple(yb.shape[1:]))
-        k = rep.k
-        d = _flat(rep.values, xb.shape)
-        if linear:
-            out = fn(d)
-        else:
-            out = fn(d + xb.repeat((k,) + (1,) * (xb.dim() - 1))) - yb.repeat((k,) + (1,) * (yb.dim() - 1))
-        return DenseDelta(out.reshape((k,) + tuple(yb.shape)))
+            b, k = rep.values.shape[:2]
+            v = rep.values if linear else rep.values + gather_channels(xb, rep)
+            out = fn(v.reshape((b * k, 1) + tuple(v.shape[2:])))
+            out = out.reshape((b, k) + tuple(out.shape[2:]))
+            out_view = tuple(yb.shape[1:])
+            if not linear:
+                out = out - gather_channels(yb, ChannelDelta(rep.index, None, out_view))
+            return ChannelDelta(rep.index, out, out_view)
+        b, k = rep.values.shape[:2]
+        if linear and isinstance(rep, DenseDelta):
+            return DenseDelta(_unflat(fn(_flat(rep.values)), b, k))
+        return DenseValue(_unflat(fn(_flat(to_values(rep, xb))), b, k))
 
     def max_pool(self, node):
         return self._pool(node, linear=False)
@@ -311,43 +326,48 @@ class Rules:
             return NotImplemented
         ctx = self.ctx
         x = self._x(node)
-        rep, yb = ctx.rep(x), ctx.base(node)
+        rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
         if isinstance(rep, ChannelDelta):
             c = rep.view[0]
-            if yb.dim() == 2 and yb.shape[1] == math.prod(rep.view) and yb.shape[0] == rep.values.shape[1]:
-                k, b = rep.values.shape[:2]
+            b, k = rep.values.shape[:2]
+            if yb.dim() == 2 and yb.shape[0] == b and yb.shape[1] == math.prod(rep.view):
                 view = (c,) if yb.shape[1] == c else (c, yb.shape[1] // c)
-                return ChannelDelta(rep.index, rep.values.reshape((k, b) + view[1:]), view)
-            if tuple(yb.shape[1:]) == tuple(rep.view):
+                return ChannelDelta(rep.index, rep.values.reshape((b, k) + view[1:]), view)
+            if tuple(yb.shape) == tuple(xb.shape):
                 return rep
-            return DenseDelta(densify(rep, ctx.base(x)).reshape((rep.k,) + tuple(yb.shape)))
-        # A reshape acts on each perturbation's tensor alone: reshape the stacked deltas.
-        return DenseDelta(rep.values.reshape((rep.k,) + tuple(yb.shape)))
+            rep = DenseDelta(densify(rep, xb))
+        if xb.dim() >= 1 and yb.dim() >= 1 and xb.shape[0] == yb.shape[0]:
+            b, k = rep.values.shape[:2]
+            return type(rep)(rep.values.reshape((b, k) + tuple(yb.shape[1:])))
+        # The reshape mixes the batch dim: apply it to each perturbation's tensor.
+        kmajor = rep.values.movedim(kdim(xb), 0)
+        out = kmajor.reshape((kmajor.shape[0],) + tuple(yb.shape))
+        return type(rep)(out.movedim(0, kdim(yb)))
 
     def _binary(self, node, sign: float):
+        """``a + b`` / ``a - b`` of same-shaped tensors (or a tensor and a number)."""
         ctx = self.ctx
         if node.op == "call_method" or node.target in (torch.add, torch.sub):
             if "alpha" in node.kwargs or len(node.args) > 2:
                 return NotImplemented
         a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        ra = ctx.rep(a) if isinstance(a, Node) else None
-        rb = ctx.rep(b) if isinstance(b, Node) else None
+        ra, rb = ctx.rep(a), ctx.rep(b)
         yb = ctx.base(node)
+        for n, r in ((a, ra), (b, rb)):
+            if r is not None and tuple(ctx.base(n).shape) != tuple(yb.shape):
+                return NotImplemented  # broadcasting expands the delta: let the fallback do it
+        if isinstance(ra, DenseValue) or isinstance(rb, DenseValue):
+            va = to_values(ra, ctx.base(a)) if ra is not None else _operand(ctx.base(a))
+            vb = to_values(rb, ctx.base(b)) if rb is not None else _operand(ctx.base(b))
+            return DenseValue(va + vb if sign > 0 else va - vb)
         if rb is not None and sign < 0:
             rb = _negate(rb)
-        changed = [(r, ctx.base(n)) for r, n in ((ra, a), (rb, b)) if r is not None]
-        if len(changed) == 1:
-            r, base = changed[0]
-            if not isinstance(base, torch.Tensor) or tuple(base.shape) != tuple(yb.shape):
-                return NotImplemented  # broadcasting expands the delta: let the fallback do it
-            return r
-        (r1, b1), (r2, b2) = changed
-        if tuple(b1.shape) != tuple(yb.shape) or tuple(b2.shape) != tuple(yb.shape):
-            return NotImplemented
-        if (isinstance(r1, ChannelDelta) and isinstance(r2, ChannelDelta) and r1.view == r2.view
-                and (r1.index is r2.index or torch.equal(r1.index, r2.index))):
-            return ChannelDelta(r1.index, r1.values + r2.values, r1.view)
-        return DenseDelta(densify(r1, b1) + densify(r2, b2))
+        if ra is None or rb is None:  # the delta of a sum with an unchanged operand
+            return ra if rb is None else rb
+        if (isinstance(ra, ChannelDelta) and isinstance(rb, ChannelDelta) and ra.view == rb.view
+                and (ra.index is rb.index or torch.equal(ra.index, rb.index))):
+            return ChannelDelta(ra.index, ra.values + rb.values, ra.view)
+        return DenseDelta(densify(ra, ctx.base(a)) + densify(rb, ctx.base(b)))
 
     def add(self, node):
         return self._binary(node, 1.0)
@@ -366,7 +386,7 @@ class Rules:
             return NotImplemented
         if isinstance(r, ChannelDelta):
             return ChannelDelta(r.index, r.values * s, r.view)
-        return DenseDelta(r.values * s)
+        return type(r)(r.values * s)
 
     def getitem(self, node):
         ctx = self.ctx
@@ -386,20 +406,23 @@ class Rules:
         if isinstance(rep, ChannelDelta):
             if (_true_layout(rep, xb) and len(idx) >= 2 and idx[0] == full and idx[1] == full
                     and all(isinstance(i, (int, slice)) for i in idx[2:])):
+                # (B, K, *inner): the index of the channel dim (all of it) now selects all k.
                 return ChannelDelta(rep.index, rep.values[(full, full) + idx[2:]], tuple(yb.shape[1:]))
             rep = DenseDelta(densify(rep, xb))
-        return DenseDelta(rep.values[(full,) + idx])
+        # Basic indexing applies to each perturbation's tensor: index the K-major view.
+        out = rep.values.movedim(kdim(xb), 0)[(full,) + idx]
+        return type(rep)(out.movedim(0, kdim(yb)))
 
     def pad(self, node):
         ctx = self.ctx
         if not self._only_first_changed(node):
             return NotImplemented
         x = self._x(node)
-        rep, xb = ctx.rep(x), ctx.base(x)
+        rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
         args = list(node.args[1:])
-        pad = ctx.value(node.kwargs.get("pad", args[0] if args else None))
+        pad = list(ctx.value(node.kwargs.get("pad", args[0] if args else None)))
         mode = ctx.value(node.kwargs.get("mode", args[1] if len(args) > 1 else "constant"))
-        pad = list(pad)
+        value = ctx.value(node.kwargs.get("value", args[2] if len(args) > 2 else None))
         m = len(pad) // 2
         if m >= xb.dim():
             return NotImplemented  # pads the batch dim
@@ -408,55 +431,56 @@ class Rules:
                 return NotImplemented
             spatial = xb.dim() - 2
             if m <= spatial:
-                return ChannelDelta(rep.index, F.pad(rep.values, pad), tuple(ctx.base(node).shape[1:]))
+                return ChannelDelta(rep.index, F.pad(rep.values, pad), tuple(yb.shape[1:]))
             front, back = pad[2 * spatial], pad[2 * spatial + 1]
             if front < 0 or back < 0:
                 return NotImplemented
             vals = F.pad(rep.values, pad[:2 * spatial]) if any(pad[:2 * spatial]) else rep.values
-            return ChannelDelta(rep.index + front, vals, tuple(ctx.base(node).shape[1:]))
-        # Padding is linear in the input (the pad value cancels in the delta).
-        k = rep.k
-        d = _flat(rep.values, xb.shape)
-        out = F.pad(d, pad, mode=mode) if mode != "constant" else F.pad(d, pad)
-        return DenseDelta(out.reshape((k,) + tuple(ctx.base(node).shape)))
+            return ChannelDelta(rep.index + front, vals, tuple(yb.shape[1:]))
+        b, k = rep.values.shape[:2]
+        if isinstance(rep, DenseValue):
+            kw = {} if mode != "constant" or value is None else {"value": value}
+            return DenseValue(_unflat(F.pad(_flat(rep.values), pad, mode=mode, **kw), b, k))
+        # Padding is linear in the input (a constant pad value cancels in the delta).
+        return DenseDelta(_unflat(F.pad(_flat(rep.values), pad, mode=mode), b, k))
 
     # -- conv / linear / batch norm
-    def _conv(self, node, weight, stride, padding, dilation, groups, padding_mode="zeros"):
+    def _conv(self, node, weight, bias, stride, padding, dilation, groups, padding_mode="zeros"):
         ctx = self.ctx
         x = self._x(node)
-        rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
+        rep, xb = ctx.rep(x), ctx.base(x)
         stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
         pad = conv_padding(padding, weight.shape[2:], dilation)
         mode = "constant" if padding_mode == "zeros" else padding_mode
+        b, k = rep.values.shape[:2]
         if isinstance(rep, ChannelDelta):
             if not _true_layout(rep, xb):
                 return NotImplemented
-            k, b = rep.k, xb.shape[0]
             c_out, c_in_g = weight.shape[:2]
-            # One input channel per perturbation: a conv with K groups of one input channel.
+            # One input channel per perturbation: a conv with K groups of one input channel
+            # over the (B, K, H, W) delta, 1/C_in of the layer's cost.
             c_local = rep.index % c_in_g
             w = weight.transpose(0, 1)[c_local]  # (K, C_out, kh, kw)
             if groups > 1:
                 g_of_out = torch.arange(c_out, device=w.device) // (c_out // groups)
                 keep = (g_of_out[None, :] == (rep.index // c_in_g)[:, None]).to(w.dtype)
                 w = w * keep[:, :, None, None]
-            d = rep.values.transpose(0, 1)  # (B, K, H, W)
-            if any(pad):
-                d = F.pad(d, pad, mode=mode)
+            d = F.pad(rep.values, pad, mode=mode) if any(pad) else rep.values
             out = F.conv2d(d, w.reshape(k * c_out, 1, *weight.shape[2:]), None, stride, 0, dilation, k)
-            out = out.reshape(b, k, c_out, *out.shape[2:]).transpose(0, 1)
-            return DenseDelta(out)
-        d = _flat(rep.values, xb.shape)
+            return DenseDelta(out.reshape((b, k, c_out) + tuple(out.shape[2:])))
+        # Dense input: one convolution over the B*K samples, on values or on the delta.
+        v = isinstance(rep, DenseValue)
+        d = _flat(rep.values)
         if any(pad):
             d = F.pad(d, pad, mode=mode)
-        out = F.conv2d(d, weight, None, stride, 0, dilation, groups)
-        return DenseDelta(out.reshape((rep.k,) + tuple(yb.shape)))
+        out = F.conv2d(d, weight, bias if v else None, stride, 0, dilation, groups)
+        return (DenseValue if v else DenseDelta)(_unflat(out, b, k))
 
     def conv_module(self, node):
         if not self._only_first_changed(node):
             return NotImplemented
         m = self.ctx.module(node)
-        return self._conv(node, m.weight, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+        return self._conv(node, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
 
     def conv_function(self, node):
         if not self._only_first_changed(node):
@@ -466,31 +490,34 @@ class Rules:
         a = dict(zip(names, node.args))
         a.update(node.kwargs)
         a = {**defaults, **{k: self.ctx.value(v) for k, v in a.items()}}
-        return self._conv(node, a["weight"], a["stride"], a["padding"], a["dilation"], a["groups"])
+        return self._conv(node, a["weight"], a["bias"], a["stride"], a["padding"], a["dilation"], a["groups"])
 
-    def _linear(self, node, weight):
+    def _linear(self, node, weight, bias):
         ctx = self.ctx
         x = self._x(node)
         rep, xb = ctx.rep(x), ctx.base(x)
         if isinstance(rep, ChannelDelta) and xb.dim() == 2:
             c = rep.index
             if len(rep.view) == 1:  # one input coordinate: a rank-1 update
-                return DenseDelta(rep.values[:, :, None] * weight.t()[c][:, None, :])
+                return DenseDelta(rep.values[:, :, None] * weight.t()[c][None])
             wk = weight.reshape(weight.shape[0], rep.view[0], -1)[:, c, :]  # (N_out, K, L)
-            return DenseDelta(torch.einsum("kbl,nkl->kbn", rep.values, wk))
-        d = densify(rep, xb)
-        return DenseDelta(F.linear(d, weight))
+            return DenseDelta(torch.einsum("bkl,nkl->bkn", rep.values, wk))
+        if isinstance(rep, DenseValue):
+            return DenseValue(F.linear(rep.values, weight, bias))
+        return DenseDelta(F.linear(densify(rep, xb), weight))
 
     def linear_module(self, node):
         if not self._only_first_changed(node):
             return NotImplemented
-        return self._linear(node, self.ctx.module(node).weight)
+        m = self.ctx.module(node)
+        return self._linear(node, m.weight, m.bias)
 
     def linear_function(self, node):
         if not self._only_first_changed(node):
             return NotImplemented
         w = node.kwargs.get("weight", node.args[1] if len(node.args) > 1 else None)
-        return self._linear(node, self.ctx.value(w))
+        b = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+        return self._linear(node, self.ctx.value(w), self.ctx.value(b))
 
     def batch_norm_module(self, node):
         if not self._only_first_changed(node):
@@ -499,59 +526,84 @@ class Rules:
         bn = ctx.module(node)
         x = self._x(node)
         rep, xb = ctx.rep(x), ctx.base(x)
+        if xb.dim() < 2:
+            return NotImplemented
         if isinstance(rep, ChannelDelta) and not _true_layout(rep, xb):
             rep = DenseDelta(densify(rep, xb))
+        per_k = (1, -1) + (1,) * (xb.dim() - 2)  # broadcasts over (B, K, *inner)
         if uses_batch_stats(bn):
-            x_hat, inv_std = ctx.bn_stats(node, x)  # (B, C, ...), (C,)
             if isinstance(rep, ChannelDelta):
-                xc = gather_channels(x_hat, rep)  # (K, B, *inner)
-                shape = (rep.k,) + (1,) * (xc.dim() - 1)
-                w = None if bn.weight is None else bn.weight[rep.index].reshape(shape)
-                out = batch_norm_delta(xc, inv_std[rep.index].reshape(shape), w, rep.values,
-                                       tuple(range(1, xc.dim())))
+                x_hat, inv_std = ctx.bn_stats(node, x)  # (B, C, ...), (C,)
+                xc = gather_channels(x_hat, rep)
+                w = None if bn.weight is None else bn.weight[rep.index].reshape(per_k)
+                dims = (0,) + tuple(range(2, xc.dim()))
+                out = batch_norm_delta(xc, inv_std[rep.index].reshape(per_k), w, rep.values, dims)
                 return ChannelDelta(rep.index, out, rep.view)
-            shape = (-1,) + (1,) * (xb.dim() - 2)
-            w = None if bn.weight is None else bn.weight.reshape(shape)
-            dims = (1,) + tuple(range(3, xb.dim() + 1))
-            return DenseDelta(batch_norm_delta(x_hat, inv_std.reshape(shape), w, rep.values, dims))
+            # Dense: statistics of each perturbation's batch. (B, K, C, ...) viewed as
+            # (B, K*C, ...) is a batch norm over K*C channels, one native kernel.
+            v = to_values(rep, xb)
+            b, k = v.shape[:2]
+            w = None if bn.weight is None else bn.weight.repeat(k)
+            bias = None if bn.bias is None else bn.bias.repeat(k)
+            out = F.batch_norm(v.reshape((b, -1) + tuple(v.shape[3:])), None, None, w, bias, True, 0.0, bn.eps)
+            return DenseValue(out.reshape(v.shape))
         scale = torch.rsqrt(bn.running_var + bn.eps)
         if bn.weight is not None:
             scale = scale * bn.weight
         if isinstance(rep, ChannelDelta):
-            s = scale[rep.index].reshape((rep.k,) + (1,) * (rep.values.dim() - 1))
-            return ChannelDelta(rep.index, rep.values * s, rep.view)
+            return ChannelDelta(rep.index, rep.values * scale[rep.index].reshape(per_k), rep.view)
+        b, k = rep.values.shape[:2]
+        if isinstance(rep, DenseValue):
+            return DenseValue(_unflat(F.batch_norm(_flat(rep.values), bn.running_mean, bn.running_var,
+                                                   bn.weight, bn.bias, False, 0.0, bn.eps), b, k))
         return DenseDelta(rep.values * scale.reshape((-1,) + (1,) * (xb.dim() - 2)))
 
     # -- fallback
     def fallback(self, node):
         """Evaluate the node on each perturbation's inputs: vmap over K, else a plain loop."""
         ctx = self.ctx
-        k = ctx.k
         ctx.engine.fallback_counts[f"{node.op}:{getattr(node.target, '__name__', node.target)}"] += 1
         changed = [a for a in node.all_input_nodes if ctx.rep(a) is not None]
-        perturbed = [ctx.perturbed_value(a) for a in changed]  # (K, ...) each
+        perturbed = [ctx.perturbed_value(a) for a in changed]
+        in_dims = [_kdims(ctx.base(a)) for a in changed]
         yb = ctx.base(node)
+        out_dims = _kdims(yb)
 
         def run(*vals):
             env = dict(zip(changed, vals))
             return ctx.call(node, lambda a: env[a] if a in env else ctx.base(a))
 
         try:
-            out = torch.func.vmap(run, randomness="error")(*perturbed)
+            out = torch.func.vmap(run, in_dims=tuple(in_dims), out_dims=out_dims, randomness="error")(*perturbed)
         except Exception:  # an op vmap cannot batch: evaluate perturbation by perturbation
-            outs = [run(*(p[i] for p in perturbed)) for i in range(k)]
-            out = torch.stack(outs) if isinstance(yb, torch.Tensor) else \
-                type(yb)(torch.stack([o[j] for o in outs]) for j in range(len(yb)))
+            k = ctx.k
+            outs = [run(*(_select(p, d, i) for p, d in zip(perturbed, in_dims))) for i in range(k)]
+            if isinstance(yb, torch.Tensor):
+                out = torch.stack(outs, kdim(yb))
+            else:
+                out = type(yb)(torch.stack([o[j] for o in outs], kdim(yb[j])) for j in range(len(yb)))
         if isinstance(yb, torch.Tensor):
-            return DenseDelta(out - yb)
-        return type(yb)(DenseDelta(o - b) for o, b in zip(out, yb))
+            return DenseValue(out)
+        return type(yb)(DenseValue(o) for o in out)
+
+
+def _kdims(base):
+    if isinstance(base, (tuple, list)):
+        return type(base)(_kdims(b) for b in base)
+    return kdim(base)
+
+
+def _select(value, dims, i):
+    if isinstance(value, (tuple, list)):
+        return type(value)(_select(v, d, i) for v, d in zip(value, dims))
+    return value.select(dims, i)
+
+
+def _operand(v):
+    return expand_base(v) if isinstance(v, torch.Tensor) else v
 
 
 def _negate(rep):
     if isinstance(rep, ChannelDelta):
         return ChannelDelta(rep.index, -rep.values, rep.view)
     return DenseDelta(-rep.values)
-
-
-def propagate(ctx, node):
-    return Rules(ctx).propagate(node)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from . import ops
-from .deltas import (ChannelDelta, DenseDelta, Rules, densify, is_inplace, uses_batch_stats,
-                     _DROPOUT_FUNCS)
+from .deltas import (ChannelDelta, DenseDelta, DenseValue, Rules, densify, gather_channels, is_inplace, kdim,
+                     to_values, uses_batch_stats, _DROPOUT_FUNCS)
 
 __all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget"]
 
@@ -103,8 +103,8 @@ class _Pass:
     def perturbed_value(self, n):
         rep, base = self.rep(n), self._base[n]
         if isinstance(rep, (tuple, list)):
-            return type(rep)(b if r is None else b + densify(r, b) for r, b in zip(rep, base))
-        return base + densify(rep, base)
+            return type(rep)(b if r is None else to_values(r, b) for r, b in zip(rep, base))
+        return to_values(rep, base)
 
     def call(self, node, getter):
         return self.engine.call(node, getter)
@@ -217,7 +217,7 @@ class DeltaEngine:
         if node.op == "get_attr":
             vals = param.new_zeros((k, param.numel()))
             vals[torch.arange(k, device=vals.device), idx] = mu
-            return DenseDelta(vals.reshape((k,) + tuple(param.shape)))
+            return DenseDelta(vals.reshape((k,) + tuple(param.shape)).movedim(0, kdim(param)))
         mod = self.modules[node.target]
         x = node.args[0] if node.args else None
         xb = p.base(x) if isinstance(x, Node) else None
@@ -230,15 +230,15 @@ class DeltaEngine:
                                                    dilation=mod.dilation, groups=mod.groups,
                                                    padding_mode=mod.padding_mode)
                 return ChannelDelta(ch, vals, tuple(yb.shape[1:]))
-            return ChannelDelta(idx, yb.new_full((k, yb.shape[0]) + tuple(yb.shape[2:]), mu), tuple(yb.shape[1:]))
+            return ChannelDelta(idx, yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu), tuple(yb.shape[1:]))
         if only_input and isinstance(mod, nn.Linear) and xb.dim() == 2:
             if pname == "weight":
                 i, vals = ops.linear_weight_delta(xb, param.shape, idx, mu)
                 return ChannelDelta(i, vals, tuple(yb.shape[1:]))
-            return ChannelDelta(idx, yb.new_full((k, yb.shape[0]), mu), tuple(yb.shape[1:]))
+            return ChannelDelta(idx, yb.new_full((yb.shape[0], k), mu), tuple(yb.shape[1:]))
         if only_input and isinstance(mod, nn.modules.batchnorm._BatchNorm):
             if pname == "bias":
-                vals = yb.new_full((k, yb.shape[0]) + tuple(yb.shape[2:]), mu)
+                vals = yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu)
                 return ChannelDelta(idx, vals, tuple(yb.shape[1:]))
             if uses_batch_stats(mod):
                 x_hat, inv_std = p.bn_stats(node, x)
@@ -247,7 +247,6 @@ class DeltaEngine:
                 shape = (1, -1) + (1,) * (xb.dim() - 2)
                 x_norm = (xb - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var + mod.eps).reshape(shape)
             rep = ChannelDelta(idx, None, tuple(yb.shape[1:]))
-            from .deltas import gather_channels
             return ChannelDelta(idx, gather_channels(x_norm, rep) * mu, tuple(yb.shape[1:]))
         # Any other module: evaluate it with K perturbed copies of the parameter.
         pert = param.detach().reshape(1, -1).repeat(k, 1)
@@ -261,10 +260,10 @@ class DeltaEngine:
             return torch.func.functional_call(mod, {**params, pname: w}, args, kwargs)
 
         try:
-            out = torch.func.vmap(run, randomness="error")(pert)
+            out = torch.func.vmap(run, out_dims=kdim(yb), randomness="error")(pert)
         except Exception:
-            out = torch.stack([run(w) for w in pert])
-        return DenseDelta(out - yb)
+            out = torch.stack([run(w) for w in pert], kdim(yb))
+        return DenseValue(out)
 
     # ------------------------------------------------------------------ chunk sizing
     def chunk_size_for(self, graph: fx.Graph, base: dict, start: Node, n: int, device) -> int:
@@ -290,9 +289,10 @@ class DeltaEngine:
             return torch.zeros((k, b), dtype=torch.float64, device=yb.device)
         if self.loss_fn is None and yb.dim() == 2:
             if isinstance(rep, ChannelDelta) and len(rep.view) == 1:
-                return ops.cross_entropy_delta(yb, targets, rep.values, rep.index)
-            return ops.cross_entropy_delta(yb, targets, densify(rep, yb))
-        outputs = (yb + densify(rep, yb)).reshape((k * b,) + tuple(yb.shape[1:]))
+                return ops.cross_entropy_delta(yb, targets, rep.values.t(), rep.index)
+            return ops.cross_entropy_delta(yb, targets, densify(rep, yb).transpose(0, 1))
+        # Perturbation-major (K*B, ...) so that targets.repeat(K) lines up.
+        outputs = to_values(rep, yb).transpose(0, 1).reshape((k * b,) + tuple(yb.shape[1:]))
         reps = [1] * targets.dim()
         losses = self.call_loss(outputs, targets.repeat(k, *reps[1:]) if targets.dim() else targets)
         return losses.reshape(k, b).double() - p.base_loss[None, :]

@@ -126,7 +126,8 @@ def conv2d_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: fl
 
     ``W[o, c, u, v] += mu`` changes only output channel ``o``, by
     ``mu * x_pad[:, g*C_in_g + c, u*d + s*i, v*d + s*j]``. Returns ``(channels, values)``:
-    ``channels`` of shape ``(K,)`` and ``values`` of shape ``(K, B, H_out, W_out)``.
+    ``channels`` of shape ``(K,)`` and ``values`` of shape ``(B, K, H_out, W_out)`` (sample-major,
+    as the engine stores deltas).
     Inputs are assumed validated. ``pad`` is ``(left, right, top, bottom)``.
     """
     c_out, c_in_g, kh, kw = weight_shape
@@ -144,17 +145,16 @@ def conv2d_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: fl
     rows = (u * dh)[:, None] + sh * torch.arange(h_out, device=x.device)  # (K, H_out)
     cols = (v * dw)[:, None] + sw * torch.arange(w_out, device=x.device)  # (K, W_out)
     vals = x[:, c_abs[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, K, H_out, W_out)
-    return o, vals.transpose(0, 1) * mu
+    return o, vals * mu
 
 
 def linear_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: float):
     """Delta of ``F.linear`` output under ``W.view(-1)[idx[k]] += mu``: output coordinate
     ``i = idx // N_in`` changes by ``mu * x[..., j]`` with ``j = idx % N_in``.
-    Returns ``(coords (K,), values (K, *x.shape[:-1]))``."""
+    Returns ``(coords (K,), values (*x.shape[:-1], K))``."""
     n_in = weight_shape[1]
     i, j = idx // n_in, idx % n_in
-    vals = x.movedim(-1, 0)[j]  # (K, *batch)
-    return i, vals * mu
+    return i, x.index_select(-1, j) * mu
 
 
 def batch_norm_delta(x_hat: torch.Tensor, inv_std: torch.Tensor, weight: torch.Tensor | None,
@@ -266,7 +266,7 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
     if param == "weight":
         ch, vals = conv2d_weight_delta(x, weight.shape, idx, mu, stride=stride, pad=pad,
                                        dilation=dilation, groups=groups)
-        out[torch.arange(k, device=x.device), :, ch] += vals
+        out[torch.arange(k, device=x.device), :, ch] += vals.transpose(0, 1)
     else:
         out[torch.arange(k, device=x.device), :, idx] += mu
     return out
@@ -306,7 +306,7 @@ def linear_perturbed(x, weight, bias, idx, mu, *, param="weight", backend="auto"
     ar = torch.arange(k, device=x.device)
     if param == "weight":
         coords, vals = linear_weight_delta(x, weight.shape, idx, mu)
-        out[ar, :, coords] += vals
+        out[ar, :, coords] += vals.t()
     else:
         out[ar, :, idx] += mu
     return out
