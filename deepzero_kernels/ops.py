@@ -138,13 +138,19 @@ def conv2d_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: fl
     if any(pad):
         mode = "constant" if padding_mode == "zeros" else padding_mode
         x = F.pad(x, pad, mode=mode)
+    x = x.contiguous()
+    b, c_all, hp, wp = x.shape
     sh, sw = stride
     dh, dw = dilation
-    h_out = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    w_out = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    rows = (u * dh)[:, None] + sh * torch.arange(h_out, device=x.device)  # (K, H_out)
-    cols = (v * dw)[:, None] + sw * torch.arange(w_out, device=x.device)  # (K, W_out)
-    vals = x[:, c_abs[:, None, None], rows[:, :, None], cols[:, None, :]]  # (B, K, H_out, W_out)
+    h_out = (hp - dh * (kh - 1) - 1) // sh + 1
+    w_out = (wp - dw * (kw - 1) - 1) // sw + 1
+    # Flat offsets (within one sample) of the K windows' elements: one index_select on the
+    # contiguous (B, C*Hp*Wp) input gathers all of them.
+    start = c_abs * (hp * wp) + (u * dh) * wp + v * dw  # (K,)
+    rows = sh * wp * torch.arange(h_out, device=x.device)
+    cols = sw * torch.arange(w_out, device=x.device)
+    flat = (start[:, None, None] + rows[None, :, None] + cols[None, None, :]).reshape(-1)
+    vals = x.reshape(b, -1).index_select(1, flat).reshape(b, -1, h_out, w_out)  # (B, K, H_out, W_out)
     return o, vals * mu
 
 
@@ -165,17 +171,20 @@ def batch_norm_delta(x_hat: torch.Tensor, inv_std: torch.Tensor, weight: torch.T
     variance) of the unperturbed batch, broadcastable to ``delta``; ``weight`` the affine scale
     (or None). ``reduce_dims`` are the dims of ``delta`` that statistics are taken over (batch and
     spatial). The new statistics are formed from moments of ``delta`` so that no difference of
-    two large numbers is taken: ``var' - var = 2 E[x_hat delta] + E[delta^2] - E[delta]^2``.
+    two large numbers is taken: ``var' - var = 2 E[x_hat delta] + E[delta^2] - E[delta]^2``, and
+    ``out' - out = w (x_hat (inv' - inv) + (delta - E[delta]) inv')``.
     """
-    d_mean = delta.mean(reduce_dims, keepdim=True)
-    d_c = delta - d_mean
-    d_var = (2 * x_hat * delta + d_c * delta).mean(reduce_dims, keepdim=True)
+    n = math.prod(delta.shape[d] for d in reduce_dims)
+    d_mean = delta.sum(reduce_dims, keepdim=True) / n
+    d_var = (2 * (x_hat * delta).sum(reduce_dims, keepdim=True) + delta.square().sum(reduce_dims, keepdim=True)) / n \
+        - d_mean.square()
     # 1/sqrt(var + dvar + eps) - 1/sqrt(var + eps) without cancellation.
-    var_eps = inv_std.reciprocal().square()
-    new_inv = torch.rsqrt(var_eps + d_var)
-    d_inv = -d_var * inv_std * new_inv / (inv_std.reciprocal() + new_inv.reciprocal())
-    out = x_hat * d_inv + d_c * new_inv
-    return out if weight is None else out * weight
+    std = inv_std.reciprocal()
+    new_inv = torch.rsqrt(std.square() + d_var)
+    d_inv = -d_var * inv_std * new_inv / (std + new_inv.reciprocal())
+    if weight is not None:
+        d_inv, new_inv = d_inv * weight, new_inv * weight
+    return torch.addcmul(torch.addcmul(-d_mean * new_inv, x_hat, d_inv), delta, new_inv)
 
 
 def cross_entropy_delta(logits: torch.Tensor, target: torch.Tensor, delta: torch.Tensor,
