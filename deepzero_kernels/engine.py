@@ -26,6 +26,7 @@ from .deltas import (ChannelDelta, DenseDelta, DenseValue, Rules, densify, gathe
 __all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget"]
 
 _GiB = 1 << 30
+_CPU_CACHE_TARGET = 8 << 20  # bytes of one delta tensor that keep a chunk in a CPU's caches
 
 
 def per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,6 +139,7 @@ class DeltaEngine:
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
         self._traces: dict = {}
+        self._chunk_cache: dict = {}  # (param, input shape, device type) -> perturbations per chunk
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters())
         self.num_loss_calls = 0
@@ -266,19 +268,19 @@ class DeltaEngine:
         return DenseValue(out)
 
     # ------------------------------------------------------------------ chunk sizing
-    def chunk_size_for(self, graph: fx.Graph, base: dict, start: Node, n: int, device) -> int:
+    def chunk_size_for(self, working_set: int, n: int, device) -> int:
+        """Perturbations per chunk for a parameter whose perturbations each need ``working_set``
+        bytes for their largest delta (measured on a first chunk of one). On a CPU, chunks stay
+        cache-sized: the dense suffix is compute-bound and larger batches only evict the cache;
+        everywhere a few live deltas per perturbation must fit the memory budget."""
         if self.chunk_size is not None:
             return max(1, min(self.chunk_size, n))
+        ws = max(working_set, 1)
         budget = self.memory_budget or default_memory_budget(device)
-        order = {nd: i for i, nd in enumerate(graph.nodes)}
-        biggest = 0
-        for nd in graph.nodes:
-            v = base.get(nd)
-            if order[nd] >= order[start] and isinstance(v, torch.Tensor):
-                biggest = max(biggest, v.numel() * v.element_size())
-        # A few live deltas of the largest activation (input, output, temporaries, a shortcut).
-        per_pert = 6 * max(biggest, 1)
-        return int(max(1, min(n, budget // per_pert)))
+        k = budget // (6 * ws)
+        if device.type == "cpu":
+            k = min(k, _CPU_CACHE_TARGET // ws)
+        return int(max(1, min(n, k)))
 
     # ------------------------------------------------------------------ loss changes
     def loss_change(self, p: _Pass, out_node: Node, rep, targets) -> torch.Tensor:
@@ -348,17 +350,20 @@ class DeltaEngine:
                 continue
             start = min((s for s, _ in srcs[name]), key=order.get)
             n = idx.numel()
-            kmax = self.chunk_size_for(graph, base, start, n, x.device)
             # Last use of each node, so deltas are freed as soon as nothing needs them.
             last_use = {}
             for nd in nodes[order[start]:]:
                 for a in nd.all_input_nodes:
                     last_use[a] = nd
-            chunks = []
-            for lo in range(0, n, kmax):
+            key = (name, tuple(x.shape), x.device.type)
+            kmax = self.chunk_size or self._chunk_cache.get(key, 1)
+            chunks, lo = [], 0
+            while lo < n:
                 ci = idx[lo:lo + kmax]
+                lo += ci.numel()
                 p.k = ci.numel()
                 p.reps = {}
+                working_set = 0
                 for s, pname in srcs[name]:
                     p.reps[s] = self._source_delta(p, s, pname, name, ci, mu)
                 for nd in nodes[order[start]:]:
@@ -368,12 +373,17 @@ class DeltaEngine:
                         r = p.rules.propagate(nd)
                         if r is not None:
                             p.reps[nd] = r
+                    r = p.reps.get(nd)
+                    if r is not None and not isinstance(r, (tuple, list)) and r.values is not None:
+                        working_set = max(working_set, r.values.numel() * r.values.element_size() // p.k)
                     for a in nd.all_input_nodes:
                         if last_use.get(a) is nd and a in p.reps and a is not out_node.args[0]:
                             del p.reps[a]
                 chunks.append(self.loss_change(p, out_node, p.reps.get(out_node.args[0]), targets))
                 if on_chunk is not None:
                     on_chunk(name, p.k)
+                if key not in self._chunk_cache and self.chunk_size is None:
+                    self._chunk_cache[key] = kmax = self.chunk_size_for(working_set, n, x.device)
             result[name] = torch.cat(chunks)
         return yb, p.base_loss, result
 
