@@ -228,6 +228,16 @@ def _check_param(param: str) -> str:
     return param
 
 
+def _check_bias(x, weight, bias, param):
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same("x", x, "bias", bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} outputs")
+    elif param == "bias":
+        raise ValueError("param='bias' needs a bias tensor, got bias=None")
+
+
 def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=1, groups=1,
                      param="weight", backend="auto"):
     """Outputs of ``F.conv2d`` under K single-coordinate perturbations, in one batched call.
@@ -248,13 +258,7 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
     x = check_tensor("x", x, ndim=4)
     weight = check_tensor("weight", weight, ndim=4)
     check_same("x", x, "weight", weight)
-    if bias is not None:
-        bias = check_tensor("bias", bias, ndim=1)
-        check_same("x", x, "bias", bias)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} output channels")
-    elif param == "bias":
-        raise ValueError("param='bias' needs a bias tensor, got bias=None")
+    _check_bias(x, weight, bias, param)
     if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(f"groups={groups!r} must divide C_in={x.shape[1]} and C_out={weight.shape[0]}")
     if x.shape[1] != weight.shape[1] * groups:
@@ -298,13 +302,7 @@ def linear_perturbed(x, weight, bias, idx, mu, *, param="weight", backend="auto"
     check_same("x", x, "weight", weight)
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but weight expects {weight.shape[1]}")
-    if bias is not None:
-        bias = check_tensor("bias", bias, ndim=1)
-        check_same("x", x, "bias", bias)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} outputs")
-    elif param == "bias":
-        raise ValueError("param='bias' needs a bias tensor, got bias=None")
+    _check_bias(x, weight, bias, param)
     mu = check_mu(mu)
     resolve_backend(backend, x.device)
     target = weight if param == "weight" else bias
