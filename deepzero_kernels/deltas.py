@@ -159,7 +159,7 @@ class Rules:
         reps = [ctx.rep(a) for a in node.all_input_nodes]
         if all(r is None for r in reps):
             return None
-        if not isinstance(ctx.base(node), torch.Tensor) and not isinstance(ctx.base(node), (tuple, list)):
+        if not _has_tensor(ctx.base(node)):
             return None  # sizes, dims and other metadata do not depend on the weights
         if node.op == "call_module":
             mod = ctx.module(node)
@@ -395,13 +395,12 @@ class Rules:
         if isinstance(rep, (tuple, list)):
             return rep[idx]
         xb, yb = ctx.base(x), ctx.base(node)
-        if not isinstance(xb, torch.Tensor) or isinstance(idx, Node):
+        if not isinstance(xb, torch.Tensor):
             return NotImplemented
+        idx = ctx.value(idx)  # bounds computed from shapes are plain ints in the base pass
         idx = idx if isinstance(idx, tuple) else (idx,)
         if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in idx):
-            return NotImplemented
-        if any(isinstance(i, slice) and any(isinstance(v, Node) for v in (i.start, i.stop, i.step)) for i in idx):
-            return NotImplemented
+            return NotImplemented  # advanced (tensor) indexing: dense fallback
         full = slice(None)
         if isinstance(rep, ChannelDelta):
             if (_true_layout(rep, xb) and len(idx) >= 2 and idx[0] == full and idx[1] == full
@@ -585,6 +584,12 @@ class Rules:
         if isinstance(yb, torch.Tensor):
             return DenseValue(out)
         return type(yb)(DenseValue(o) for o in out)
+
+
+def _has_tensor(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (tuple, list)) and any(_has_tensor(e) for e in v)
 
 
 def _kdims(base):

@@ -4,6 +4,11 @@ import torch
 import torch.nn.functional as F
 
 
+# The tests use tiny tensors: intra-op threads only add barrier overhead (and stall badly when
+# other processes share the cores).
+torch.set_num_threads(1)
+
+
 def ce(outputs, targets):
     return F.cross_entropy(outputs, targets, reduction="none")
 
