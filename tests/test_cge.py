@@ -273,6 +273,22 @@ class TestBadInput:
         with pytest.raises(ValueError, match="non-finite"):
             CGE(self.model).estimate(bad, self.y)
 
+    def test_device_mismatch(self):
+        with pytest.raises(ValueError, match="x is on meta"):
+            CGE(self.model).estimate(self.x.to("meta"), self.y)
+        with pytest.raises(ValueError, match="device|meta"):
+            conv2d = __import__("deepzero_kernels.ops", fromlist=["x"]).conv2d_perturbed
+            conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3, device="meta"), None, torch.tensor([0]), 0.1)
+
+    def test_progress_callback(self):
+        seen = []
+        CGE(self.model).estimate(self.x, self.y, on_chunk=lambda name, k: seen.append((name, k)))
+        per_param = {}
+        for name, k in seen:
+            per_param[name] = per_param.get(name, 0) + k
+        assert per_param == {n: p.numel() for n, p in self.model.named_parameters()}
+        assert seen[0][0] == "net.3.weight"  # back to front: the classifier first
+
     def test_masks(self):
         cge = CGE(self.model)
         with pytest.raises(ValueError, match="unknown"):
