@@ -8,8 +8,8 @@ Everything is a plain in-memory tensor; a batch iterator draws its order from an
 * :func:`cifar10` -- CIFAR-10 from a directory in the standard python pickle format
   (``data_batch_1..5``, ``test_batch``). Images are kept as uint8 (150 MB instead of 600 MB of
   float32) and converted, augmented and normalised per batch by :meth:`Dataset.prepare`.
-* :func:`synthetic` -- Gaussian inputs of any shape with labels from a fixed random linear
-  teacher (learnable, so smoke tests can see the loss fall).
+* :func:`synthetic` -- Gaussian class clusters of any shape (learnable, so smoke tests can see
+  accuracy rise).
 """
 from __future__ import annotations
 
@@ -202,6 +202,10 @@ def cifar10(data_dir: str, augment: bool = True, expect_full: bool = False) -> D
     """CIFAR-10 from ``data_dir`` in the standard python format. Train images get the paper's
     augmentation (random crop with padding 4, horizontal flip) when ``augment``; all images
     are normalised per channel. ``expect_full`` checks 10000 images per file."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"CIFAR-10 directory {data_dir!r} does not exist. Download the 'CIFAR-10 python version' "
+            f"from {CIFAR10_URL} and extract it there (it holds data_batch_1..5 and test_batch).")
     d = _cifar_dir(data_dir)
     n = 10000 if expect_full else None
     parts = [_read_cifar_batch(os.path.join(d, f), n) for f in CIFAR10_TRAIN_FILES]
@@ -215,20 +219,23 @@ def cifar10(data_dir: str, augment: bool = True, expect_full: bool = False) -> D
 
 # ----------------------------------------------------------------------------- synthetic
 def synthetic(shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, n_train: int = 512,
-              n_test: int = 256, seed: int = 0) -> Dataset:
-    """Gaussian inputs of ``shape`` (per sample) with labels ``argmax(W x)`` of a fixed random
-    linear teacher: any shape, deterministic in ``seed``, and learnable."""
+              n_test: int = 256, seed: int = 0, noise: float = 1.0) -> Dataset:
+    """Gaussian class clusters of any per-sample ``shape``: ``x = prototype[y] + noise * N(0, I)``
+    with a random prototype per class. Deterministic in ``seed``, learnable and (unlike labels
+    of a random teacher) learnable in a way that generalises, so smoke tests see accuracy rise."""
     shape = tuple(int(s) for s in shape)
     if not shape or any(s < 1 for s in shape):
         raise ValueError(f"synthetic shape must be non-empty positive sizes, got {shape}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be >= 1, got {n_train}, {n_test}")
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n_train + n_test, *shape, generator=g)
-    teacher = torch.randn(int(np.prod(shape)), num_classes, generator=g)
-    y = (x.flatten(1) @ teacher).argmax(1)
+    protos = torch.randn(num_classes, *shape, generator=g)
+    y = torch.randint(0, num_classes, (n_train + n_test,), generator=g)
+    x = protos[y] + noise * torch.randn(n_train + n_test, *shape, generator=g)
     return Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:],
-                   num_classes=num_classes, info={"seed": seed, "shape": list(shape)})
+                   num_classes=num_classes, info={"seed": seed, "shape": list(shape), "noise": noise})
 
 
 def load_dataset(name: str, data_dir: Optional[str] = None, *, augment: bool = True,

@@ -139,7 +139,6 @@ class DeltaEngine:
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
         self._traces: dict = {}
-        self._chunk_cache: dict = {}  # (param, input shape, device type) -> perturbations per chunk
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters())
         self.num_loss_calls = 0
@@ -355,8 +354,9 @@ class DeltaEngine:
             for nd in nodes[order[start]:]:
                 for a in nd.all_input_nodes:
                     last_use[a] = nd
-            key = (name, tuple(x.shape), x.device.type)
-            kmax = self.chunk_size or self._chunk_cache.get(key, 1)
+            # Every call chunks the same way (a first chunk of one, which measures the working
+            # set, then chunks sized from it), so results never depend on call history.
+            kmax = self.chunk_size or 1
             chunks, lo = [], 0
             while lo < n:
                 ci = idx[lo:lo + kmax]
@@ -382,8 +382,8 @@ class DeltaEngine:
                 chunks.append(self.loss_change(p, out_node, p.reps.get(out_node.args[0]), targets))
                 if on_chunk is not None:
                     on_chunk(name, p.k)
-                if key not in self._chunk_cache and self.chunk_size is None:
-                    self._chunk_cache[key] = kmax = self.chunk_size_for(working_set, n, x.device)
+                if lo == p.k and self.chunk_size is None:
+                    kmax = self.chunk_size_for(working_set, n, x.device)
             result[name] = torch.cat(chunks)
         return yb, p.base_loss, result
 

@@ -51,6 +51,18 @@ def _shape(s: str):
     return list(shape)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except for switches and options whose help already explains None."""
+
+    def __init__(self, prog):
+        super().__init__(prog, width=100)
+
+    def _get_help_string(self, action):
+        if isinstance(action.default, bool) or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m deepzero_kernels.train",
@@ -58,13 +70,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                     "random masks redrawn periodically, SGD. The default trains the App. B CNN "
                     "on scikit-learn's digits.",
         epilog="Paper recipe (CIFAR-10, ResNet-20, Sec. 6.1):\n  " + PAPER_RECIPE,
-        formatter_class=lambda prog: argparse.ArgumentDefaultsHelpFormatter(prog, width=100),
+        formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS if suppress_defaults else None)
     d = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", choices=("digits", "cifar10", "synthetic"), default=d("digits"),
                    help="digits: sklearn's 8x8 digits (embedded); cifar10: python-format batches in "
-                        "--data-dir; synthetic: Gaussian inputs, see --synthetic-shape")
+                        "--data-dir; synthetic: Gaussian class clusters, see --synthetic-shape")
     g.add_argument("--data-dir", default=d("data"),
                    help="CIFAR-10 directory (cifar-10-batches-py or its parent)")
     g.add_argument("--synthetic-shape", type=_shape, default=d([3, 32, 32]), metavar="C,H,W",
@@ -72,7 +84,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--synthetic-size", type=_shape, default=d([512, 256]), metavar="NTRAIN,NTEST",
                    help="train and test sizes of the synthetic dataset")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=d(True),
-                   help="disable CIFAR-10 random crop + flip")
+                   help="disable CIFAR-10's random crop + flip (on by default)")
     g.add_argument("--model", choices=MODELS, default=d("cnn"), help="network")
     g.add_argument("--depth", type=int, default=d(2), help="conv blocks of the App. B CNN")
     g.add_argument("--width", type=int, default=d(16),
@@ -96,7 +108,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--memory-budget", type=int, default=d(None), metavar="BYTES",
                    help="bytes one chunk of CGE perturbations may use (default: engine's choice)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d(20), help="training epochs")
+    g.add_argument("--epochs", type=int, default=d(30), help="training epochs")
     g.add_argument("--batch-size", type=int, default=d(128), help="training batch size")
     g.add_argument("--eval-batch-size", type=int, default=d(1000), help="evaluation batch size")
     g.add_argument("--lr", type=float, default=d(0.1), help="peak learning rate")
@@ -111,11 +123,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--device", default=d("auto"), help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, default=d(0), help="torch CPU threads (0 = torch's default)")
     g.add_argument("--out", default=d(None), metavar="DIR",
-                   help="write metrics.jsonl, config.json, densities.json, checkpoint.pt, metrics.png")
+                   help="write metrics.jsonl, config.json, densities.json, checkpoint.pt, metrics.png "
+                        "(default: write nothing)")
     g.add_argument("--resume", default=d(None), metavar="DIR",
-                   help="continue the run saved in DIR exactly (its config is reused)")
+                   help="continue the run saved in DIR exactly (its config is reused; default: start a new run)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=d(True),
-                   help="no tqdm progress bar")
+                   help="no tqdm progress bar (default: show it)")
     return p
 
 

@@ -127,6 +127,18 @@ def test_memory_budget_chunks_do_not_change_result():
         torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-15)
 
 
+def test_result_does_not_depend_on_call_history():
+    """A fresh estimator and a used one give bitwise the same estimate (resume relies on it)."""
+    model = SimpleCNN(3, 4, depth=2, width=8)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 4, (16,))
+    used = CGE(model, memory_budget=1 << 22)
+    used.estimate(x[:8], y[:8])
+    a = used.estimate(x, y)
+    b = CGE(model, memory_budget=1 << 22).estimate(x, y)
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+
+
 class UserBlock(nn.Module):
     """A user's own residual block: functional relu, slicing + F.pad shortcut, torch.flatten,
     in-place add and a view with x.size(0)."""
