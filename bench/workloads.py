@@ -3,8 +3,6 @@ for the benchmark suite. Imported by ``bench/conftest.py`` and ``bench/test_*.py
 from __future__ import annotations
 
 import copy
-import math
-import os
 import platform
 import re
 import time

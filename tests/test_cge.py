@@ -1,6 +1,5 @@
 """CGE.estimate against the naive perturb-forward-restore loop, in float64."""
 import random
-import warnings
 
 import numpy as np
 import pytest
