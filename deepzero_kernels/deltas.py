@@ -52,6 +52,23 @@ class ChannelDelta:
 
 
 @dataclass
+class ChannelPreReLU(ChannelDelta):
+    """A ReLU of a channel delta whose only consumer is a max pool, not yet applied: ``values``
+    is the delta of the ReLU's *input* (base ``pre``). Max pooling commutes with ReLU, so the
+    pool applies the ReLU after pooling, on a quarter of the elements."""
+    pre: torch.Tensor = None  # base input of the ReLU, gathered: (B, K, *inner)
+
+    def materialize(self) -> ChannelDelta:
+        x0, d = self.pre, self.values
+        return ChannelDelta(self.index, _relu_delta(x0, d), self.view)
+
+
+def _relu_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Exact ``relu(x0 + d) - relu(x0)``: where x0 > 0 it is max(d, -x0), else relu(x0 + d)."""
+    return torch.where(x0 > 0, torch.maximum(d, -x0), torch.clamp_min(x0 + d, 0))
+
+
+@dataclass
 class DenseDelta:
     values: torch.Tensor  # (B, K, *base.shape[1:]): perturbed minus base
 
@@ -84,6 +101,8 @@ def densify(rep, base: torch.Tensor) -> torch.Tensor:
         return rep.values
     if isinstance(rep, DenseValue):
         return rep.values - expand_base(base)
+    if isinstance(rep, ChannelPreReLU):
+        rep = rep.materialize()
     b, k = rep.values.shape[:2]
     full = rep.values.new_zeros((b, k) + tuple(rep.view))
     full[:, torch.arange(k, device=full.device), rep.index] = rep.values
@@ -170,6 +189,11 @@ class Rules:
             rule = self._method_rule(node.target)
         else:
             rule = None
+        if rule != self.max_pool:
+            for a in node.all_input_nodes:
+                r = ctx.reps.get(a)
+                if isinstance(r, ChannelPreReLU):
+                    ctx.reps[a] = r.materialize()
         if rule is not None:
             out = rule(node)
             if out is not NotImplemented:
@@ -256,6 +280,11 @@ class Rules:
             return lambda t: node.target(t, *rest, **kwargs)
         return lambda t: getattr(t, node.target.rstrip("_") if node.target.endswith("_") else node.target)(*rest, **kwargs)
 
+    def _is_max_pool(self, node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.ctx.module(node), _MAX_POOL_MODULES)
+        return node.op == "call_function" and node.target in _MAX_POOL_FUNCS
+
     def _only_first_changed(self, node) -> bool:
         x = self._x(node)
         return isinstance(x, Node) and all(self.ctx.rep(a) is None for a in node.all_input_nodes if a is not x)
@@ -283,8 +312,11 @@ class Rules:
         x0, d = gather_channels(xb, rep), rep.values
         relu = (node.op == "call_module" and type(ctx.module(node)) is nn.ReLU) or \
             (node.op != "call_module" and node.target in (F.relu, torch.relu, "relu", "relu_"))
-        if relu:  # exact: where x > 0 the change is max(d, -x), else relu(x + d)
-            out = torch.where(x0 > 0, torch.maximum(d, -x0), torch.clamp_min(x0 + d, 0))
+        if relu:
+            users = list(node.users)
+            if len(users) == 1 and self._is_max_pool(users[0]):
+                return ChannelPreReLU(rep.index, d, rep.view, pre=x0)
+            out = _relu_delta(x0, d)
         else:
             out = fn(x0 + d) - gather_channels(yb, rep)
         return ChannelDelta(rep.index, out, rep.view)
@@ -298,13 +330,20 @@ class Rules:
         if isinstance(yb, (tuple, list)) or xb.dim() < 3:
             return NotImplemented  # return_indices=True, or an unbatched input
         fn = self._fn(node)
+        if isinstance(rep, ChannelPreReLU) and (not _true_layout(rep, xb) or linear):
+            rep = ctx.reps[x] = rep.materialize()
         if isinstance(rep, ChannelDelta):
             if not _true_layout(rep, xb):
                 return NotImplemented
             b, k = rep.values.shape[:2]
-            v = rep.values if linear else rep.values + gather_channels(xb, rep)
+            if isinstance(rep, ChannelPreReLU):  # pool the ReLU's input, then apply the ReLU
+                v = rep.values + rep.pre
+            else:
+                v = rep.values if linear else rep.values + gather_channels(xb, rep)
             out = fn(v.reshape((b * k, 1) + tuple(v.shape[2:])))
             out = out.reshape((b, k) + tuple(out.shape[2:]))
+            if isinstance(rep, ChannelPreReLU):
+                out = out.clamp_min_(0)
             out_view = tuple(yb.shape[1:])
             if not linear:
                 out = out - gather_channels(yb, ChannelDelta(rep.index, None, out_view))
