@@ -377,8 +377,18 @@ def run(cfg: dict, log=None) -> dict:
     """Train with the resolved config ``cfg`` (see :func:`parse_args`); returns a summary dict.
     Raises :class:`CheckpointError` for unusable checkpoints and ``KeyboardInterrupt`` is turned
     into ``summary['interrupted'] = True`` after a checkpoint has been written."""
-    progress = cfg.get("progress", True)
-    log = log or (lambda m: _log(m, progress))
+    # torchrun (WORLD_SIZE > 1): one process group, rank 0 alone writes files and prints
+    dist_on = int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg["estimator"] == "cge"
+    rank = 0
+    if dist_on:
+        from . import distributed as DZD
+        import torch.distributed as tdist
+        own_group = not tdist.is_initialized()
+        DZD.init_from_env(float(os.environ.get("DZ_DIST_TIMEOUT", "300")))
+        rank = tdist.get_rank()
+    writer = rank == 0
+    progress = cfg.get("progress", True) and writer
+    log = log or ((lambda m: _log(m, progress)) if writer else (lambda m: None))
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
@@ -389,7 +399,7 @@ def run(cfg: dict, log=None) -> dict:
     ck = None
     if resume:
         ck = load_checkpoint(out_dir, semantic)  # before any write: never overwrite a bad run
-    elif out_dir is not None:
+    elif out_dir is not None and writer:
         if os.path.exists(os.path.join(out_dir, CHECKPOINT)):
             raise CheckpointError(f"--out {out_dir} already holds a run ({CHECKPOINT}); resume it with "
                                   f"--resume {out_dir} or choose another directory")
@@ -435,7 +445,12 @@ def run(cfg: dict, log=None) -> dict:
         d_active = sum(round(densities[n] * p.numel()) if densities and n in densities else p.numel()
                        for n, p in params.items())
         if est_name == "cge":
-            est = dz.CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"])
+            if dist_on:
+                est = DZD.DistributedCGE(model, mu=cfg["mu"], backend=cfg["backend"],
+                                         memory_budget=cfg["memory_budget"],
+                                         check_every=int(os.environ.get("DZ_CHECK_EVERY", "10")))
+            else:
+                est = dz.CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"])
         else:
             est = dz.RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active, backend=cfg["backend"])
 
@@ -460,7 +475,7 @@ def run(cfg: dict, log=None) -> dict:
             raise CheckpointError(f"checkpoint was made with {state['perm'].numel()} training samples, "
                                   f"the dataset now has {ds.x_train.shape[0]}")
         log(f"resumed {out_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    elif out_dir is not None:
+    elif out_dir is not None and writer:
         atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(
             {"config": semantic, "derived": {"parameters": n_params, "steps_per_epoch": steps_per_epoch,
                                              "active_coordinates": d_active, "device": str(device),
@@ -474,7 +489,7 @@ def run(cfg: dict, log=None) -> dict:
                  / sum(dict(model.named_parameters())[n].numel() for n in densities)}, indent=2))
 
     def save_checkpoint():
-        if out_dir is None:
+        if out_dir is None or not writer:
             return
         ck_out = {"format": FORMAT, "config": semantic, "model": model.state_dict(),
                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
@@ -485,7 +500,7 @@ def run(cfg: dict, log=None) -> dict:
         atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), lambda f: torch.save(ck_out, f))
 
     def write_metrics():
-        if out_dir is not None:
+        if out_dir is not None and writer:
             atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
                               "".join(json.dumps(h) + "\n" for h in state["history"]))
 
@@ -511,6 +526,11 @@ def run(cfg: dict, log=None) -> dict:
                     if densities is not None and epoch % cfg["mask_interval"] == 0:
                         masks = {k: v.to(device) for k, v in
                                  dz.random_masks(model, densities, generator=gens["mask"]).items()}
+                        if dist_on:  # same seeds give the same masks; broadcast from rank 0 to be safe
+                            for v in masks.values():
+                                u8 = v.to(torch.uint8)  # gloo has no bool
+                                tdist.broadcast(u8, 0)
+                                v.copy_(u8.bool())
                     state["perm"] = torch.randperm(ds.x_train.shape[0], generator=gens["data"])
                     state["ep"] = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0, "perturbations": 0}
                 ep = state["ep"]
@@ -564,6 +584,11 @@ def run(cfg: dict, log=None) -> dict:
                     dt = time.perf_counter() - t0
                     ep["seconds"] += dt
                     state["step"] += 1
+                    if dist_on:
+                        prev = ep.get("rank_seconds")
+                        if not prev or len(prev) != len(est.last_rank_seconds):  # resumed on N' ranks
+                            prev = [0.0] * len(est.last_rank_seconds)
+                        ep["rank_seconds"] = [u + v for u, v in zip(prev, est.last_rank_seconds)]
                     consistent = True
                     bar.update(1)
                     bar.set_postfix(loss=f"{ep['loss'] / ep['n']:.3f}", acc=f"{100 * ep['correct'] / ep['n']:.1f}",
@@ -579,6 +604,11 @@ def run(cfg: dict, log=None) -> dict:
                        "seconds": ep["seconds"], "perturbations": ep["perturbations"],
                        "perturbations_per_s": ep["perturbations"] / max(ep["seconds"], 1e-9),
                        "masks_redrawn": densities is not None and epoch % cfg["mask_interval"] == 0}
+                if dist_on and ep.get("rank_seconds"):
+                    rs = ep["rank_seconds"]
+                    rec["ranks"] = len(rs)
+                    rec["rank_estimate_seconds"] = rs
+                    rec["imbalance"] = max(rs) / max(sum(rs) / len(rs), 1e-12)
                 state["history"].append(rec)
                 if test_acc > state["best_acc"]:
                     state["best_acc"], state["best_epoch"] = test_acc, epoch + 1
@@ -591,7 +621,10 @@ def run(cfg: dict, log=None) -> dict:
                 log(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} acc "
                     f"{100 * rec['train_acc']:5.1f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.1f}%  "
                     f"lr {rec['lr']:.4f}  {rec['perturbations_per_s']:.0f} pert/s  {rec['seconds']:.1f}s"
-                    + ("  [masks redrawn]" if rec["masks_redrawn"] else ""))
+                    + ("  [masks redrawn]" if rec["masks_redrawn"] else "")
+                    + (f"  {rec['ranks']} ranks, estimate s/rank "
+                       + "/".join(f"{v:.2f}" for v in rec["rank_estimate_seconds"])
+                       + f", imbalance {rec['imbalance']:.3f}" if "imbalance" in rec else ""))
     except KeyboardInterrupt:
         interrupted = True
         state["elapsed"] = time.perf_counter() - t_start
@@ -609,7 +642,11 @@ def run(cfg: dict, log=None) -> dict:
                "forward_equivalents": state["forwards"] + grasp_info.get("queries", 0),
                "zo_grasp_queries": grasp_info.get("queries", 0), "parameters": n_params,
                "active_coordinates": d_active, "interrupted": interrupted, "history": state["history"]}
-    if out_dir is not None and state["history"]:
+    if dist_on:
+        summary["ranks"] = tdist.get_world_size()
+        if own_group:
+            tdist.destroy_process_group()
+    if out_dir is not None and state["history"] and writer:
         try:
             plot(state["history"], os.path.join(out_dir, "metrics.png"), title=f"{cfg['model']} on {cfg['dataset']}, {est_name}")
         except ImportError as e:  # matplotlib is optional at run time
