@@ -148,6 +148,13 @@ _DROPOUT_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_drop
 _INPLACE_FUNCS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
+def dropout_active(node: Node) -> bool:
+    """Whether a functional dropout call drops anything (F.dropout defaults to training=True)."""
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    return bool(training) and p != 0
+
+
 def is_inplace(node: Node, module=None) -> bool:
     """Whether evaluating ``node`` would write into its first input."""
     if node.op == "call_module":
@@ -296,9 +303,7 @@ class Rules:
         return self.ctx.rep(self._x(node))
 
     def identity_if_not_training(self, node):
-        training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
-        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
-        return self.identity(node) if (not training or p == 0) else NotImplemented
+        return NotImplemented if dropout_active(node) else self.identity(node)
 
     def activation(self, node):
         if not self._only_first_changed(node):

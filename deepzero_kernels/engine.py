@@ -21,7 +21,7 @@ from torch.fx import Node
 
 from . import ops
 from .deltas import (ChannelDelta, DenseDelta, DenseValue, Rules, densify, gather_channels, is_inplace, kdim,
-                     to_values, uses_batch_stats, _DROPOUT_FUNCS)
+                     to_values, uses_batch_stats, dropout_active, _DROPOUT_FUNCS)
 
 __all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget"]
 
@@ -32,6 +32,20 @@ _CPU_CACHE_TARGET = 8 << 20  # bytes of one delta tensor that keep a chunk in a 
 def per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The default loss: cross-entropy per sample, shape ``(N,)``."""
     return F.cross_entropy(outputs, targets, reduction="none")
+
+
+def repeat_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Targets for K stacked copies of a batch (perturbation-major, as the outputs are)."""
+    return targets.repeat(k, *[1] * (targets.dim() - 1)) if targets.dim() else targets
+
+
+def check_losses(losses, n: int) -> torch.Tensor:
+    """``loss_fn`` must return per-sample losses of shape ``(n,)``."""
+    if not isinstance(losses, torch.Tensor):
+        losses = torch.as_tensor(losses)
+    if losses.shape != (n,):
+        raise ValueError(f"loss_fn must return per-sample losses of shape ({n},), got shape {tuple(losses.shape)}")
+    return losses
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -54,9 +68,7 @@ def check_no_dropout(model: nn.Module, graph: fx.Graph | None = None) -> None:
     if graph is not None:
         for n in graph.nodes:
             if n.op == "call_function" and n.target in _DROPOUT_FUNCS:
-                training = n.kwargs.get("training", n.args[2] if len(n.args) > 2 else True)
-                p = n.kwargs.get("p", n.args[1] if len(n.args) > 1 else 0.5)
-                if training and p:
+                if dropout_active(n):
                     raise ValueError(f"the model calls {n.target.__name__} with training=True: zeroth-order "
                                      "estimates need a deterministic forward; pass training=self.training "
                                      "and estimate in eval mode, or remove the dropout.")
@@ -294,8 +306,7 @@ class DeltaEngine:
             return ops.cross_entropy_delta(yb, targets, densify(rep, yb).transpose(0, 1))
         # Perturbation-major (K*B, ...) so that targets.repeat(K) lines up.
         outputs = to_values(rep, yb).transpose(0, 1).reshape((k * b,) + tuple(yb.shape[1:]))
-        reps = [1] * targets.dim()
-        losses = self.call_loss(outputs, targets.repeat(k, *reps[1:]) if targets.dim() else targets)
+        losses = self.call_loss(outputs, repeat_targets(targets, k))
         return losses.reshape(k, b).double() - p.base_loss[None, :]
 
     def call_loss(self, outputs, targets) -> torch.Tensor:
@@ -303,12 +314,7 @@ class DeltaEngine:
         with torch.no_grad():
             losses = fn(outputs, targets)
         self.num_loss_calls += 1
-        if not isinstance(losses, torch.Tensor):
-            losses = torch.as_tensor(losses)
-        if losses.shape != (outputs.shape[0],):
-            raise ValueError(f"loss_fn must return per-sample losses of shape ({outputs.shape[0]},), "
-                             f"got shape {tuple(losses.shape)}")
-        return losses.to(outputs.device)
+        return check_losses(losses, outputs.shape[0]).to(outputs.device)
 
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
@@ -410,9 +416,7 @@ class DeltaEngine:
                 pert = pert.reshape((k,) + tuple(param.shape))
                 out = self._functional_outputs(name, pert, params, buffers, x)
                 b = yb.shape[0]
-                reps = [1] * targets.dim()
-                losses = self.call_loss(out.reshape((k * b,) + tuple(yb.shape[1:])),
-                                        targets.repeat(k, *reps[1:]) if targets.dim() else targets)
+                losses = self.call_loss(out.reshape((k * b,) + tuple(yb.shape[1:])), repeat_targets(targets, k))
                 chunks.append(losses.reshape(k, b).double() - base_loss[None, :])
                 if on_chunk is not None:
                     on_chunk(name, k)

@@ -11,7 +11,7 @@ import time
 import torch
 import torch.nn as nn
 
-from .engine import DeltaEngine, check_no_dropout, per_sample_cross_entropy
+from .engine import DeltaEngine, check_losses, check_no_dropout, per_sample_cross_entropy, repeat_targets
 from .ops import check_mu, resolve_backend
 
 __all__ = ["CGE", "RGE", "assign_grads", "check_batch", "check_masks"]
@@ -222,7 +222,7 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None):
     saved = {n: b.clone() for n, b in buffers.items()}
     try:
         base_out = model(x)
-        base = _check_losses(loss_fn(base_out, y), x.shape[0]).double()
+        base = check_losses(loss_fn(base_out, y), x.shape[0]).double()
         q = steps.shape[0]
         kmax = chunk_size or max(1, min(q, 32))
         sizes = [params[n].numel() for n in names]
@@ -247,17 +247,10 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None):
                                                                       {n: b.clone() for n, b in buffers.items()}), (x,))
                                    for i in range(k)])
             b = x.shape[0]
-            reps = [1] * y.dim()
-            losses = _check_losses(loss_fn(out.reshape((k * b,) + tuple(out.shape[2:])), y.repeat(k, *reps[1:])), k * b)
+            losses = check_losses(loss_fn(out.reshape((k * b,) + tuple(out.shape[2:])), repeat_targets(y, k)), k * b)
             diffs.append(losses.reshape(k, b).double() - base[None, :])
         return torch.cat(diffs), base_out, base
     finally:
         for n, b in model.named_buffers():
             b.copy_(saved[n])
 
-
-def _check_losses(losses, n):
-    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
-        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"loss_fn must return per-sample losses of shape ({n},), got {shape}")
-    return losses
