@@ -187,6 +187,9 @@ class Rules:
             return None
         if not _has_tensor(ctx.base(node)):
             return None  # sizes, dims and other metadata do not depend on the weights
+        out = ctx.fused(node)
+        if out is not NotImplemented:
+            return out
         if node.op == "call_module":
             mod = ctx.module(node)
             rule = self._module_rule(mod)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -27,24 +28,39 @@ _BACKENDS = ("auto", "torch", "triton", "native")
 
 
 # ----------------------------------------------------------------------------- backends
-def backends() -> dict:
-    """Report which backends are available: ``{name: (available, reason)}``."""
-    return {
-        "torch": (True, "always available; defines the semantics"),
-        "triton": (False, "the Triton kernels are not part of this build"),
-        "native": (False, "the native extension (csrc/) is not part of this build"),
-    }
+def backends(device: torch.device | str | None = None) -> dict:
+    """Report which backends are available on ``device`` (default CPU): ``{name: (available, reason)}``."""
+    from . import kernels
+    return {"torch": (True, "always available; defines the semantics"), **kernels.available(device)}
+
+
+_warned: set = set()
 
 
 def resolve_backend(backend: str, device: torch.device | None = None) -> str:
-    """Map a user's ``backend`` choice to an available backend; ``auto`` never fails."""
+    """Map a user's ``backend`` choice to an available backend for ``device``.
+
+    ``auto`` picks ``native`` when it is built for the device, else ``triton`` on a GPU, else
+    ``torch``; it never fails, and says once (a warning) which optional backend it could not
+    use. Naming an unavailable backend is a ``ValueError`` with the reason."""
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    device = torch.device(device or "cpu")
+    avail = backends(device)
     if backend == "auto":
+        if avail["native"][0]:
+            return "native"
+        if device.type == "cuda" and avail["triton"][0]:
+            return "triton"
+        key = (device.type, avail["native"][1])
+        if key not in _warned:
+            _warned.add(key)
+            warnings.warn(f"deepzero_kernels: backend='auto' uses the torch backend on {device.type}: "
+                          f"native: {avail['native'][1]}", stacklevel=3)
         return "torch"
-    available, why = backends()[backend]
-    if not available:
-        raise ValueError(f"backend={backend!r} is not available: {why}")
+    ok, why = avail[backend]
+    if not ok:
+        raise ValueError(f"backend={backend!r} is not available on {device.type}: {why}")
     return backend
 
 

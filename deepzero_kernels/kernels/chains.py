@@ -1,0 +1,311 @@
+"""Fused chains: find the channel-local layers after a conv or linear in the traced graph and
+evaluate them with one kernel launch of the selected backend.
+
+The torch backend propagates a delta node by node (:mod:`deepzero_kernels.deltas`). With a
+kernel backend the engine asks this module first; a pattern that matches is computed by one
+kernel, which produces the representation of the chain's *last* node. The nodes inside the
+chain get :class:`Fused` placeholders: each has one user, the next node of the chain, so nothing
+else reads them. Anything that does not match exactly falls back to the per-node rules.
+
+Patterns (``[]`` optional; every inner node has a single user):
+
+* conv weight source: ``conv -> [BatchNorm2d] -> [+ unchanged]* -> [ReLU -> [MaxPool2d]]``
+  (:func:`~deepzero_kernels.kernels.reference.conv_delta_chain`);
+* a one-channel delta entering ``BatchNorm2d`` or ``ReLU`` with the same tail (``channel_chain``);
+* a one-channel delta entering a ``groups=1`` conv: ``conv -> [BatchNorm2d] -> [+ unchanged] ->
+  [ReLU] -> [MaxPool2d] -> [global average pool]`` (``conv1ch_chain``), and the same tail after a
+  dense delta entering a batch-statistics ``BatchNorm2d`` (``bn_act_dense``);
+* the logits under the default cross-entropy loss: the final linear layer's own weights
+  (``linear_weight_ce``), a one-feature delta (``linear_rank1_ce``) or dense features
+  (``linear_dense_ce``) entering it give the per-sample loss change directly (:class:`LossDelta`).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Node
+
+from ..ops import conv_padding
+from ..deltas import ChannelDelta, DenseDelta, DenseValue, to_values, uses_batch_stats
+from .reference import pool_out
+
+__all__ = ["Fused", "LossDelta", "fused_source", "fused_node"]
+
+
+@dataclass
+class Fused:
+    """Placeholder for a node computed inside a fused chain; only the chain's next node uses it."""
+    values: None = None
+
+
+@dataclass
+class LossDelta:
+    """The per-sample loss change ``(K, B)`` (float64) of a chunk, computed at the logits."""
+    values: torch.Tensor
+
+
+@dataclass
+class _Chain:
+    bn: Node | None = None
+    adds: list = field(default_factory=list)  # (add node, the unchanged operand)
+    relu: Node | None = None
+    pool: Node | None = None
+    gap: Node | None = None
+    nodes: list = field(default_factory=list)  # every node after the head, in order
+
+    @property
+    def last(self):
+        return self.nodes[-1] if self.nodes else None
+
+
+# ----------------------------------------------------------------------------- matching
+def _sole_user(node: Node):
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is_relu(ctx, n: Node) -> bool:
+    if n.op == "call_module":
+        return type(ctx.module(n)) is nn.ReLU
+    if n.op == "call_function":
+        return n.target in (F.relu, torch.relu) and len(n.args) == 1
+    return n.op == "call_method" and n.target in ("relu", "relu_") and len(n.args) == 1
+
+
+def _bn2d(ctx, n: Node):
+    if n.op != "call_module":
+        return None
+    m = ctx.module(n)
+    return m if isinstance(m, nn.BatchNorm2d) and len(n.args) == 1 and not n.kwargs else None
+
+
+def _max_pool(ctx, n: Node, h: int, w: int):
+    """(k, s) of a plain square max pool whose output size the kernels reproduce, else None."""
+    if n.op != "call_module" or type(ctx.module(n)) is not nn.MaxPool2d or len(n.args) != 1:
+        return None
+    m = ctx.module(n)
+    k, s = m.kernel_size, m.stride if m.stride is not None else m.kernel_size
+    if isinstance(k, tuple) or isinstance(s, tuple) or m.padding not in (0, (0, 0)) \
+            or m.dilation not in (1, (1, 1)) or m.return_indices or not 1 <= s <= k:
+        return None
+    hp, wp = ctx.base(n).shape[-2:]
+    if (hp, wp) != (pool_out(h, k, s), pool_out(w, k, s)):
+        return None
+    return k, s
+
+
+def _global_avg(ctx, n: Node) -> bool:
+    if n.op == "call_module" and isinstance(ctx.module(n), nn.AdaptiveAvgPool2d):
+        return tuple(ctx.base(n).shape[-2:]) == (1, 1)
+    if n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
+        return tuple(ctx.base(n).shape[-2:]) == (1, 1)
+    return False
+
+
+def _unchanged_operand(ctx, add: Node, prev: Node):
+    """The other operand of ``prev + other`` if it is an unchanged tensor of the same shape."""
+    if add.op == "call_function" and add.target in (operator.add, torch.add) and len(add.args) == 2 and not add.kwargs:
+        pass
+    elif add.op == "call_method" and add.target == "add" and len(add.args) == 2 and not add.kwargs:
+        pass
+    else:
+        return None
+    a, b = add.args
+    other = b if a is prev else a if b is prev else None
+    if other is None or other is prev or not isinstance(other, Node) or other in ctx.affected:
+        return None
+    ob = ctx.base(other)
+    if not isinstance(ob, torch.Tensor) or ob.shape != ctx.base(prev).shape:
+        return None
+    return other
+
+
+def _match(ctx, head: Node, *, at_head: bool, allow_gap: bool) -> _Chain:
+    """The longest chain that starts at ``head`` (``at_head``) or right after it."""
+    ch = _Chain()
+    cur, nxt = (head.args[0], head) if at_head else (head, _sole_user(head))
+    h, w = ctx.base(cur).shape[-2:]
+
+    def step(n):
+        ch.nodes.append(n)
+        return n, _sole_user(n)
+
+    if nxt is not None and _bn2d(ctx, nxt) is not None and nxt.args[0] is cur:
+        ch.bn = nxt
+        cur, nxt = step(nxt)
+    if nxt is not None and _unchanged_operand(ctx, nxt, cur) is not None:
+        ch.adds.append((nxt, _unchanged_operand(ctx, nxt, cur)))
+        cur, nxt = step(nxt)
+    if nxt is not None and _is_relu(ctx, nxt) and nxt.args[0] is cur:
+        ch.relu = nxt
+        cur, nxt = step(nxt)
+        if nxt is not None and nxt.args[0] is cur and _max_pool(ctx, nxt, h, w):
+            ch.pool = nxt
+            cur, nxt = step(nxt)
+    if allow_gap and nxt is not None and nxt.args and nxt.args[0] is cur and _global_avg(ctx, nxt):
+        ch.gap = nxt
+        step(nxt)
+    return ch
+
+
+def _place(ctx, head: Node, ch: _Chain, rep):
+    """Store ``rep`` at the chain's last node and placeholders inside it; returns what the
+    engine stores at ``head`` (the node it asked about)."""
+    if not ch.nodes or ch.nodes == [head]:
+        return rep
+    for n in ch.nodes[:-1]:
+        ctx.reps[n] = Fused()
+    ctx.reps[ch.nodes[-1]] = rep
+    return ctx.reps.get(head, Fused())
+
+
+# ----------------------------------------------------------------------------- BatchNorm arguments
+def _bn_channel_args(ctx, bn_node: Node | None, like: torch.Tensor):
+    """(mode, x_hat, inv_std, weight) of a BatchNorm for one-channel deltas."""
+    empty = like.new_empty(0)
+    if bn_node is None:
+        return 0, empty, empty, empty
+    bn = ctx.module(bn_node)
+    c = bn.num_features
+    if uses_batch_stats(bn):
+        x_hat, inv_std = ctx.bn_stats(bn_node, bn_node.args[0])
+        w = bn.weight.detach() if bn.weight is not None else inv_std.new_ones(c)
+        return 1, x_hat.contiguous(), inv_std.contiguous(), w.contiguous()
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach()
+    return 2, empty, empty, scale.to(empty.dtype).contiguous()
+
+
+def _bn_dense_args(ctx, bn_node: Node, like: torch.Tensor):
+    """(mode, weight, bias, eps) of a BatchNorm applied to dense perturbed values."""
+    empty = like.new_empty(0)
+    if bn_node is None:
+        return 0, empty, empty, 1e-5
+    bn = ctx.module(bn_node)
+    c = bn.num_features
+    w = bn.weight.detach() if bn.weight is not None else like.new_ones(c)
+    b = bn.bias.detach() if bn.bias is not None else like.new_zeros(c)
+    if uses_batch_stats(bn):
+        return 1, w.contiguous(), b.contiguous(), float(bn.eps)
+    scale = w * torch.rsqrt(bn.running_var + bn.eps)
+    return 2, scale.contiguous(), (b - bn.running_mean * scale).contiguous(), float(bn.eps)
+
+
+def _tail_args(ctx, ch: _Chain, like: torch.Tensor):
+    empty = like.new_empty(0)
+    relu_base = ctx.base(ch.relu.args[0]).contiguous() if ch.relu is not None else empty
+    if ch.pool is not None:
+        k, s = _max_pool(ctx, ch.pool, *ctx.base(ch.relu).shape[-2:])
+        return relu_base, k, s, ctx.base(ch.pool).contiguous()
+    return relu_base, 0, 0, empty
+
+
+def _channel_rep(ctx, ch: _Chain, head: Node, index, values):
+    last = ch.nodes[-1] if ch.nodes else head
+    return ChannelDelta(index, values, tuple(ctx.base(last).shape[1:]))
+
+
+def _logits_ce(ctx, node: Node) -> bool:
+    """Whether ``node`` is the model's output and the loss is the default cross-entropy."""
+    user = _sole_user(node)
+    yb = ctx.base(node)
+    return (user is not None and user.op == "output" and ctx.engine.loss_fn is None and yb.dim() == 2
+            and isinstance(ctx.targets, torch.Tensor) and ctx.targets.dtype == torch.int64
+            and ctx.targets.shape == yb.shape[:1])
+
+
+# ----------------------------------------------------------------------------- entry points
+def fused_source(ctx, node: Node, mod, pname: str, param, idx: torch.Tensor, mu: float):
+    """The representation of a weight perturbation at its own layer computed by a fused kernel
+    (with the chain after it), or None when no kernel applies."""
+    kern = ctx.kernels
+    xb, yb = ctx.base(node.args[0]), ctx.base(node)
+    if isinstance(mod, nn.Conv2d) and pname == "weight" and mod.padding_mode == "zeros" and xb.dim() == 4:
+        c_out, c_in_g, kh, kw = param.shape
+        pad_l, _, pad_t, _ = conv_padding(mod.padding, mod.kernel_size, mod.dilation)
+        o, rem = idx // (c_in_g * kh * kw), idx % (c_in_g * kh * kw)
+        c, rem = rem // (kh * kw), rem % (kh * kw)
+        u, v = rem // kw, rem % kw
+        src = (o // (c_out // mod.groups)) * c_in_g + c
+        ch = _match(ctx, node, at_head=False, allow_gap=False)
+        bn_mode, x_hat, inv_std, bn_w = _bn_channel_args(ctx, ch.bn, yb)
+        relu_base, pk, ps, pool_base = _tail_args(ctx, ch, yb)
+        vals = kern.conv_delta_chain(xb.contiguous(), src, u * mod.dilation[0] - pad_t, v * mod.dilation[1] - pad_l,
+                                     o, mu, mod.stride[0], mod.stride[1], yb.shape[2], yb.shape[3], c_out,
+                                     bn_mode, x_hat, inv_std, bn_w, relu_base, pk, ps, pool_base)
+        return _place(ctx, node, ch, _channel_rep(ctx, ch, node, o, vals))
+    if isinstance(mod, nn.Linear) and pname == "weight" and xb.dim() == 2 and _logits_ce(ctx, node):
+        return LossDelta(kern.linear_weight_ce(xb.contiguous(), yb.contiguous(), ctx.targets, idx, mu))
+    return None
+
+
+def fused_node(ctx, node: Node):
+    """The representation of ``node`` computed by a fused kernel (with the chain after it), or
+    NotImplemented when no kernel applies."""
+    changed = [a for a in node.all_input_nodes if ctx.rep(a) is not None]
+    if len(changed) != 1 or not node.args or node.args[0] is not changed[0] \
+            or not isinstance(ctx.base(node), torch.Tensor):
+        return NotImplemented
+    x = changed[0]
+    rep, xb = ctx.rep(x), ctx.base(x)
+    if isinstance(rep, (Fused, LossDelta)):
+        return NotImplemented
+    kern = ctx.kernels
+    mod = ctx.module(node) if node.op == "call_module" else None
+    if type(rep) is ChannelDelta and xb.dim() == 4 and tuple(rep.view) == tuple(xb.shape[1:]):
+        if _bn2d(ctx, node) is not None or _is_relu(ctx, node):
+            ch = _match(ctx, node, at_head=True, allow_gap=False)
+            bn_mode, x_hat, inv_std, bn_w = _bn_channel_args(ctx, ch.bn, xb)
+            relu_base, pk, ps, pool_base = _tail_args(ctx, ch, xb)
+            vals = kern.channel_chain(rep.values.contiguous(), rep.index, bn_mode, x_hat, inv_std, bn_w,
+                                      relu_base, pk, ps, pool_base)
+            return _place(ctx, node, ch, _channel_rep(ctx, ch, node, rep.index, vals))
+        if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros" \
+                and not isinstance(mod.padding, str) and len(node.args) == 1 and not node.kwargs:
+            return _conv1ch(ctx, node, mod, rep)
+    if isinstance(rep, (DenseValue, DenseDelta)) and xb.dim() == 4 and _bn2d(ctx, node) is not None \
+            and uses_batch_stats(mod):
+        ch = _match(ctx, node, at_head=True, allow_gap=True)
+        v = to_values(rep, xb).contiguous()
+        bn_mode, w, b, eps = _bn_dense_args(ctx, node, v)
+        return _dense_tail(ctx, node, ch, v, lambda *a: kern.bn_act_dense(v, bn_mode, w, b, eps, *a))
+    if isinstance(mod, nn.Linear) and xb.dim() == 2 and len(node.args) == 1 and _logits_ce(ctx, node):
+        yb, wt = ctx.base(node).contiguous(), mod.weight.detach().contiguous()
+        if type(rep) is ChannelDelta and len(rep.view) == 1:
+            return LossDelta(kern.linear_rank1_ce(rep.values.contiguous(), rep.index, wt, yb, ctx.targets))
+        if isinstance(rep, (DenseValue, DenseDelta)):
+            return LossDelta(kern.linear_dense_ce(to_values(rep, xb).contiguous(), xb.contiguous(), wt, yb,
+                                                  ctx.targets))
+    return NotImplemented
+
+
+def _dense_tail(ctx, head: Node, ch: _Chain, like, launch):
+    """Launch a dense chain kernel with the tail of ``ch``; the result is the last node's values."""
+    residual = ctx.base(ch.adds[0][1]).contiguous() if ch.adds else like.new_empty(0)
+    pk = ps = 0
+    if ch.pool is not None:
+        pk, ps = _max_pool(ctx, ch.pool, *ctx.base(ch.relu).shape[-2:])
+    out = launch(residual, ch.relu is not None, pk, ps, ch.gap is not None)
+    if ch.gap is not None:
+        out = out[..., None, None]  # the adaptive pool keeps (1, 1) spatial dims
+    return _place(ctx, head, ch, DenseValue(out))
+
+
+def _conv1ch(ctx, node: Node, conv: nn.Conv2d, rep: ChannelDelta):
+    """A one-channel delta through the next conv and the BatchNorm chain after it."""
+    kern = ctx.kernels
+    ch = _match(ctx, node, at_head=False, allow_gap=True)
+    if ch.bn is None or (not uses_batch_stats(ctx.module(ch.bn)) and ch.relu is None and ch.gap is None):
+        return NotImplemented  # no nonlinearity: the delta rule keeps an exact (cheaper) DenseDelta
+    base_out = ctx.base(node).contiguous()
+    w = conv.weight.detach().contiguous()
+    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (conv.padding, conv.padding)
+    bn_mode, bw, bb, eps = _bn_dense_args(ctx, ch.bn, base_out)
+    return _dense_tail(ctx, node, ch, base_out, lambda *a: kern.conv1ch_chain(
+        rep.values.contiguous(), rep.index, w, conv.stride[0], conv.stride[1], ph, pw,
+        conv.dilation[0], conv.dilation[1], base_out, bn_mode, bw, bb, eps, *a))

@@ -1,0 +1,185 @@
+"""Torch reference of the fused kernels: the semantics every backend keeps.
+
+Each function here is one launch in the triton and native backends. All tensors are
+contiguous, on one device, in one floating dtype (float32 or float64) except the int64 index
+tensors; the wrappers in ``deepzero_kernels/kernels/__init__.py`` validate that before any
+kernel runs. Layouts are sample-major, as the engine stores deltas: ``(B, K, ...)``.
+
+BatchNorm modes (``bn_mode``):
+
+* ``0``: no BatchNorm in the chain;
+* ``1``: batch statistics (training mode). Per perturbation k, the changed channel's mean and
+  variance are those of its own batch of B samples;
+* ``2``: fixed affine (running statistics): ``y = x * bn_weight + bn_bias`` per channel, with
+  ``bn_weight = weight * rsqrt(running_var + eps)``, ``bn_bias = bias - running_mean * bn_weight``.
+
+Chains after the BatchNorm: an optional ReLU and an optional max pool (window ``pool_k``,
+stride ``pool_s``, no padding; windows of a ``ceil_mode`` pool are clipped at the border, and
+the pooled size is taken from ``pool_base``). A residual add of an unchanged tensor between the
+BatchNorm and the ReLU needs no argument for one-channel deltas: it is in ``relu_base``, the
+base value of the ReLU's input.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import batch_norm_delta, cross_entropy_delta
+
+__all__ = ["conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
+           "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
+
+
+def _gather(t: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """``t[:, channel[k]]`` for every k: ``(B, K, ...)``."""
+    return t.index_select(1, channel)
+
+
+def _max_pool_clipped(v: torch.Tensor, k: int, s: int, hp: int, wp: int) -> torch.Tensor:
+    """Max pool of ``(N, C, H, W)`` with windows clipped at the border, ``(hp, wp)`` outputs."""
+    h, w = v.shape[-2:]
+    pad_h, pad_w = max(0, (hp - 1) * s + k - h), max(0, (wp - 1) * s + k - w)
+    if pad_h or pad_w:
+        v = F.pad(v, (0, pad_w, 0, pad_h), value=float("-inf"))
+    return F.max_pool2d(v, k, s)[..., :hp, :wp]
+
+
+def channel_chain(values, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
+                  pool_k, pool_s, pool_base):
+    """Carry one-channel deltas through BatchNorm -> ReLU -> max pool.
+
+    Args:
+        values: ``(B, K, H, W)`` change of channel ``channel[k]`` of the chain's input.
+        channel: ``(K,)`` int64 channels in ``[0, C)``.
+        bn_mode: 0, 1 or 2 (module docstring).
+        bn_xhat: mode 1: ``(B, C, H, W)`` centred base input of the BatchNorm (``x - mean``).
+        bn_inv_std: mode 1: ``(C,)`` ``1/sqrt(var + eps)`` of the base batch (biased variance).
+        bn_weight: modes 1 and 2: ``(C,)`` scale (mode 1: the affine weight, ones if none).
+        relu_base: ``(B, C, H, W)`` base input of the ReLU, or an empty tensor for no ReLU.
+        pool_k, pool_s: max-pool window and stride; 0 for no pool (a pool needs a ReLU).
+        pool_base: ``(B, C, Hp, Wp)`` base output of the pool (empty without a pool).
+    Returns:
+        ``(B, K, H, W)`` (or ``(B, K, Hp, Wp)`` with a pool): the change of the chain's output,
+        channel ``channel[k]``.
+    """
+    d = values
+    if bn_mode == 1:
+        d = batch_norm_delta(_gather(bn_xhat, channel), bn_inv_std[channel].view(1, -1, 1, 1),
+                             bn_weight[channel].view(1, -1, 1, 1), d, (0, 2, 3))
+    elif bn_mode == 2:
+        d = d * bn_weight[channel].view(1, -1, 1, 1)
+    if relu_base.numel() == 0:
+        return d
+    x0 = _gather(relu_base, channel)
+    if pool_k == 0:
+        return torch.where(x0 > 0, torch.maximum(d, -x0), torch.clamp_min(x0 + d, 0))
+    b, k = d.shape[:2]
+    hp, wp = pool_base.shape[-2:]
+    # max pool commutes with ReLU: pool the ReLU's perturbed input, then apply the ReLU.
+    pooled = _max_pool_clipped((x0 + d).reshape(b * k, 1, *d.shape[2:]), pool_k, pool_s, hp, wp)
+    return pooled.reshape(b, k, hp, wp).clamp_min(0) - _gather(pool_base, channel)
+
+
+def conv_delta_chain(x, src_channel, off_h, off_w, out_channel, mu, stride_h, stride_w, h_out, w_out,
+                     bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base):
+    """The conv weight perturbation ``W[o, c, u, v] += mu`` and the chain after it.
+
+    Perturbation k changes output channel ``out_channel[k]`` by
+    ``mu * x[:, src_channel[k], i*stride_h + off_h[k], j*stride_w + off_w[k]]`` for
+    ``i < h_out, j < w_out``, zero where that index falls outside ``x`` (zero padding:
+    ``off = u * dilation - pad``). ``x`` is the conv's unpadded input ``(B, C_in, H, W)``; the
+    chain arguments are those of :func:`channel_chain` with ``channel = out_channel``.
+    Returns the chain's output change ``(B, K, ...)``.
+    """
+    b, _, h, w = x.shape
+    k = src_channel.numel()
+    i = torch.arange(h_out, device=x.device)[None, :] * stride_h + off_h[:, None]  # (K, h_out)
+    j = torch.arange(w_out, device=x.device)[None, :] * stride_w + off_w[:, None]  # (K, w_out)
+    ok = ((i >= 0) & (i < h))[:, :, None] & ((j >= 0) & (j < w))[:, None, :]
+    flat = src_channel[:, None, None] * (h * w) + i.clamp(0, h - 1)[:, :, None] * w + j.clamp(0, w - 1)[:, None, :]
+    vals = x.reshape(b, -1).index_select(1, flat.reshape(-1)).reshape(b, k, h_out, w_out)
+    vals = torch.where(ok[None], vals * mu, torch.zeros((), dtype=x.dtype, device=x.device))
+    return channel_chain(vals, out_channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
+                         pool_k, pool_s, pool_base)
+
+
+def bn_act_dense(values, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s, global_avg):
+    """BatchNorm -> (+ residual) -> ReLU -> max pool -> global average on dense perturbed values.
+
+    Args:
+        values: ``(B, K, C, H, W)`` perturbed values (each k its own batch of B samples).
+        bn_mode: 0 none, 1 batch statistics per (k, channel) over (B, H, W) with the affine
+            ``bn_weight``, ``bn_bias`` (``(C,)``, ones/zeros if none) and ``eps``; 2 fixed affine.
+        residual: ``(B, C, H, W)`` unchanged tensor added after the BatchNorm, or empty.
+        relu: apply a ReLU. pool_k, pool_s: max pool (0 = none; clipped ``ceil_mode`` windows,
+            output ``ceil((H - pool_k) / pool_s) + 1``). global_avg: mean over the spatial dims.
+    Returns:
+        ``(B, K, C, H', W')`` perturbed values, or ``(B, K, C)`` with ``global_avg``.
+    """
+    b, k, c, h, w = values.shape
+    v = values
+    if bn_mode == 1:
+        mean = v.mean((0, 3, 4), keepdim=True)
+        var = (v - mean).square().mean((0, 3, 4), keepdim=True)
+        v = (v - mean) * torch.rsqrt(var + eps) * bn_weight.view(1, 1, c, 1, 1) + bn_bias.view(1, 1, c, 1, 1)
+    elif bn_mode == 2:
+        v = v * bn_weight.view(1, 1, c, 1, 1) + bn_bias.view(1, 1, c, 1, 1)
+    if residual.numel():
+        v = v + residual[:, None]
+    if relu:
+        v = v.clamp_min(0)
+    if pool_k:
+        hp, wp = pool_out(h, pool_k, pool_s), pool_out(w, pool_k, pool_s)
+        v = _max_pool_clipped(v.reshape(b * k, c, h, w), pool_k, pool_s, hp, wp).reshape(b, k, c, hp, wp)
+    if global_avg:
+        v = v.mean((3, 4))
+    return v
+
+
+def pool_out(n: int, k: int, s: int) -> int:
+    """Output length of a ``ceil_mode`` max pool without padding (every window starts inside)."""
+    return -(-(n - k) // s) + 1 if n >= k else 1
+
+
+def conv1ch_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, base_out,
+                  bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s, global_avg):
+    """The next conv of a one-channel delta (groups=1), added to its cached output, and the
+    dense chain after it.
+
+    Args:
+        delta: ``(B, K, H, W)`` change of input channel ``channel[k]`` of the conv.
+        weight: ``(C_out, C_in, kh, kw)``; stride/pad/dilation as ``F.conv2d`` (symmetric
+            zero padding ``pad_h``, ``pad_w``).
+        base_out: ``(B, C_out, Ho, Wo)`` the conv's base output (bias included).
+        the rest: as :func:`bn_act_dense`.
+    Returns:
+        perturbed values ``(B, K, C_out, Ho', Wo')`` (``(B, K, C_out)`` with ``global_avg``).
+    """
+    b, k, h, w = delta.shape
+    c_out = weight.shape[0]
+    wk = weight.index_select(1, channel).transpose(0, 1).reshape(k * c_out, 1, *weight.shape[2:])
+    dz = F.conv2d(delta, wk, None, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w), k)
+    v = base_out[:, None] + dz.reshape(b, k, c_out, *dz.shape[2:])
+    return bn_act_dense(v, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s, global_avg)
+
+
+def linear_weight_ce(x, logits, target, idx, mu):
+    """Cross-entropy change ``(K, B)`` (float64) under ``W.view(-1)[idx[k]] += mu`` of the final
+    linear layer: logit ``idx // N_in`` changes by ``mu * x[:, idx % N_in]``."""
+    n_in = x.shape[1]
+    return cross_entropy_delta(logits, target, (x.index_select(1, idx % n_in) * mu).t(), idx // n_in)
+
+
+def linear_rank1_ce(values, channel, weight, logits, target):
+    """Cross-entropy change ``(K, B)`` (float64) when input feature ``channel[k]`` of the final
+    linear layer changes by ``values[:, k]``: the logits change by ``values[b, k] * weight[:, channel[k]]``."""
+    delta = values.t()[:, :, None] * weight.t().index_select(0, channel)[:, None, :]  # (K, B, N)
+    return cross_entropy_delta(logits, target, delta)
+
+
+def linear_dense_ce(values, base, weight, logits, target):
+    """Cross-entropy change ``(K, B)`` (float64) when the final linear layer's input ``base``
+    ``(B, N_in)`` becomes ``values[:, k]`` (``(B, K, N_in)``): logits change by
+    ``(values - base) @ weight.T``."""
+    delta = (values - base[:, None]) @ weight.t()  # (B, K, N)
+    return cross_entropy_delta(logits, target, delta.transpose(0, 1))
