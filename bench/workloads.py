@@ -341,6 +341,10 @@ class Registry:
         self.conv = None
         self.mode = "default"
         self.notes: List[str] = []
+        self.kernels: Dict[str, dict] = {}
+
+    def record_kernel(self, case: str, backend: str, **kw):
+        self.kernels.setdefault(case, {})[backend] = kw
 
     def record(self, group: str, method: str, **kw):
         g = self.groups.setdefault(group, {"methods": {}})
