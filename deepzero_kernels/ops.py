@@ -135,6 +135,15 @@ def conv_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
 
 
 # ----------------------------------------------------------------------------- delta primitives
+def conv_weight_coords(weight_shape, idx: torch.Tensor, groups: int = 1):
+    """Flat weight indices -> ``(o, c, u, v)``: output channel, absolute input channel (inside
+    o's group) and kernel tap of each perturbed weight ``W.view(-1)[idx[k]]``."""
+    c_out, c_in_g, kh, kw = weight_shape
+    o, rem = idx // (c_in_g * kh * kw), idx % (c_in_g * kh * kw)
+    c, rem = rem // (kh * kw), rem % (kh * kw)
+    return o, (o // (c_out // groups)) * c_in_g + c, rem // kw, rem % kw
+
+
 def conv2d_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: float, *,
                         stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1,
                         padding_mode: str = "zeros"):
@@ -147,10 +156,7 @@ def conv2d_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: fl
     Inputs are assumed validated. ``pad`` is ``(left, right, top, bottom)``.
     """
     c_out, c_in_g, kh, kw = weight_shape
-    o, rem = idx // (c_in_g * kh * kw), idx % (c_in_g * kh * kw)
-    c, rem = rem // (kh * kw), rem % (kh * kw)
-    u, v = rem // kw, rem % kw
-    c_abs = (o // (c_out // groups)) * c_in_g + c
+    o, c_abs, u, v = conv_weight_coords(weight_shape, idx, groups)
     if any(pad):
         mode = "constant" if padding_mode == "zeros" else padding_mode
         x = F.pad(x, pad, mode=mode)
@@ -281,7 +287,7 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
         raise ValueError(f"x has {x.shape[1]} channels but weight expects {weight.shape[1] * groups} "
                          f"(weight.shape[1]={weight.shape[1]} x groups={groups})")
     mu = check_mu(mu)
-    resolve_backend(backend, x.device)
+    backend = resolve_backend(backend, x.device)
     stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"stride and dilation must be >= 1, got {stride}, {dilation}")
@@ -292,7 +298,14 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
     base = F.conv2d(F.pad(x, pad) if any(pad) else x, weight, bias, stride, 0, dilation, groups)
     k = idx.numel()
     out = base.unsqueeze(0).repeat(k, 1, 1, 1, 1)
-    if param == "weight":
+    if param == "weight" and backend != "torch" and x.dtype in (torch.float32, torch.float64):
+        from . import kernels  # the gather kernel: the chain with nothing after the conv
+        ch, src, u, v = conv_weight_coords(weight.shape, idx, groups)
+        vals = kernels.get(backend).conv_delta_chain(
+            x, src, u * dilation[0] - pad[2], v * dilation[1] - pad[0], ch, mu, stride[0], stride[1],
+            base.shape[2], base.shape[3], weight.shape[0])
+        out[torch.arange(k, device=x.device), :, ch] += vals.transpose(0, 1)
+    elif param == "weight":
         ch, vals = conv2d_weight_delta(x, weight.shape, idx, mu, stride=stride, pad=pad,
                                        dilation=dilation, groups=groups)
         out[torch.arange(k, device=x.device), :, ch] += vals.transpose(0, 1)

@@ -343,3 +343,21 @@ def test_backends_report_and_auto_never_fails():
         if not ok:
             with pytest.raises(ValueError, match="not available"):
                 dz.CGE(nn.Linear(2, 2), backend=name)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("kw", [dict(stride=1, padding=1), dict(stride=2, padding=2, dilation=2),
+                                dict(stride=1, padding="same", groups=2), dict(stride=(2, 1), padding=(0, 1))])
+def test_public_conv_op_with_each_backend(backend, kw):
+    _backend(backend)
+    g = torch.Generator().manual_seed(6)
+    groups = kw.get("groups", 1)
+    x = torch.randn(3, 4, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(6, generator=g, dtype=torch.float64)
+    idx = torch.randperm(w.numel(), generator=g)[:5]
+    out = ops.conv2d_perturbed(x, w, bias, idx, 0.01, backend=backend, **kw)
+    for k in range(5):
+        w2 = w.clone()
+        w2.view(-1)[idx[k]] += 0.01
+        torch.testing.assert_close(out[k], F.conv2d(x, w2, bias, **kw), atol=1e-12, rtol=1e-10)

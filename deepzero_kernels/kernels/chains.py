@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..ops import conv_padding
+from ..ops import conv_padding, conv_weight_coords
 from ..deltas import ChannelDelta, DenseDelta, DenseValue, to_values, uses_batch_stats
 from .reference import pool_out
 
@@ -226,12 +226,9 @@ def fused_source(ctx, node: Node, mod, pname: str, param, idx: torch.Tensor, mu:
     kern = ctx.kernels
     xb, yb = ctx.base(node.args[0]), ctx.base(node)
     if isinstance(mod, nn.Conv2d) and pname == "weight" and mod.padding_mode == "zeros" and xb.dim() == 4:
-        c_out, c_in_g, kh, kw = param.shape
+        c_out = param.shape[0]
         pad_l, _, pad_t, _ = conv_padding(mod.padding, mod.kernel_size, mod.dilation)
-        o, rem = idx // (c_in_g * kh * kw), idx % (c_in_g * kh * kw)
-        c, rem = rem // (kh * kw), rem % (kh * kw)
-        u, v = rem // kw, rem % kw
-        src = (o // (c_out // mod.groups)) * c_in_g + c
+        o, src, u, v = conv_weight_coords(param.shape, idx, mod.groups)
         ch = _match(ctx, node, at_head=False, allow_gap=False)
         bn_mode, x_hat, inv_std, bn_w = _bn_channel_args(ctx, ch.bn, yb)
         relu_base, pk, ps, pool_base = _tail_args(ctx, ch, yb)
