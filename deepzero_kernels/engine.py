@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from . import ops
+from .kernels import chains, get as get_kernels
 from .deltas import (ChannelDelta, DenseDelta, DenseValue, Rules, densify, gather_channels, is_inplace, kdim,
                      to_values, uses_batch_stats, dropout_active, _DROPOUT_FUNCS)
 
-__all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget"]
+__all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget", "query_loss"]
 
 _GiB = 1 << 30
 _CPU_CACHE_TARGET = 8 << 20  # bytes of one delta tensor that keep a chunk in a CPU's caches
@@ -40,12 +41,30 @@ def repeat_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def check_losses(losses, n: int) -> torch.Tensor:
-    """``loss_fn`` must return per-sample losses of shape ``(n,)``."""
+    """``loss_fn`` must return per-sample losses of shape ``(n,)``: a tensor, a NumPy array or
+    anything ``torch.as_tensor`` accepts."""
     if not isinstance(losses, torch.Tensor):
-        losses = torch.as_tensor(losses)
+        try:  # Python floats are doubles: a list must not drop to float32
+            losses = torch.as_tensor(losses) if hasattr(losses, "dtype") else torch.as_tensor(losses, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"loss_fn must return per-sample losses as a tensor or array, got "
+                            f"{type(losses).__name__} ({e})") from None
     if losses.shape != (n,):
         raise ValueError(f"loss_fn must return per-sample losses of shape ({n},), got shape {tuple(losses.shape)}")
     return losses
+
+
+def query_loss(loss_fn, outputs: torch.Tensor, targets) -> torch.Tensor:
+    """One query of a (possibly black-box) loss: it sees detached outputs under ``no_grad`` and
+    is never asked for gradients; its result is converted and checked. A user loss must be
+    finite: one nan/inf would silently turn the whole estimate into nan."""
+    outputs = outputs.detach()
+    with torch.no_grad():
+        losses = check_losses((loss_fn or per_sample_cross_entropy)(outputs, targets), outputs.shape[0])
+    if loss_fn is not None and losses.is_floating_point() and not torch.isfinite(losses).all():
+        bad = int((~torch.isfinite(losses)).sum())
+        raise ValueError(f"loss_fn returned {bad} non-finite per-sample losses (nan or inf) out of {losses.numel()}")
+    return losses.to(outputs.device)
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -89,6 +108,15 @@ class _Pass:
         self.k = 0
         self._bn = {}
         self.rules = Rules(self)
+        self.kernels = None   # a kernels.Kernels of the triton/native backend, or None (torch rules)
+        self.targets = None
+        self.affected = set()  # nodes downstream of the parameter being estimated
+
+    def fused(self, node):
+        """A fused kernel chain starting at ``node``, or NotImplemented (then the per-node rules run)."""
+        if self.kernels is None:
+            return NotImplemented
+        return chains.fused_node(self, node)
 
     def base(self, n):
         return self._base[n] if isinstance(n, Node) else n
@@ -132,10 +160,13 @@ class DeltaEngine:
             per-sample cross-entropy, whose change at the logits is taken in closed form.
         memory_budget: bytes for one chunk (default :func:`default_memory_budget`).
         chunk_size: fixed number of perturbations per chunk (overrides the budget).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: who runs the fused chains
+            (:mod:`deepzero_kernels.kernels.chains`); the torch backend runs the per-node rules.
+            Resolved for the input's device at every call.
     """
 
     def __init__(self, model: nn.Module, loss_fn=None, *, memory_budget: int | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, backend: str = "auto"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
@@ -148,12 +179,14 @@ class DeltaEngine:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.model = model
         self.loss_fn = loss_fn
+        self.backend = backend
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
         self._traces: dict = {}
         self.modules = dict(model.named_modules())
         self.params = dict(model.named_parameters())
         self.num_loss_calls = 0
+        self.num_loss_samples = 0  # samples passed to the loss over all calls
         # Nodes evaluated by the dense per-perturbation fallback (no delta rule): for profiling.
         self.fallback_counts = collections.Counter()
 
@@ -236,6 +269,10 @@ class DeltaEngine:
         xb = p.base(x) if isinstance(x, Node) else None
         yb = p.base(node)
         only_input = isinstance(x, Node) and len(node.all_input_nodes) == 1 and not node.kwargs
+        if only_input and p.kernels is not None:
+            fused = chains.fused_source(p, node, mod, pname, param, idx, mu)
+            if fused is not None:
+                return fused
         if only_input and isinstance(mod, nn.Conv2d) and xb.dim() == 4:
             if pname == "weight":
                 pad = ops.conv_padding(mod.padding, mod.kernel_size, mod.dilation)
@@ -300,6 +337,8 @@ class DeltaEngine:
         k, b = p.k, yb.shape[0]
         if rep is None:
             return torch.zeros((k, b), dtype=torch.float64, device=yb.device)
+        if isinstance(rep, chains.LossDelta):
+            return rep.values
         if self.loss_fn is None and yb.dim() == 2:
             if isinstance(rep, ChannelDelta) and len(rep.view) == 1:
                 return ops.cross_entropy_delta(yb, targets, rep.values.t(), rep.index)
@@ -310,11 +349,10 @@ class DeltaEngine:
         return losses.reshape(k, b).double() - p.base_loss[None, :]
 
     def call_loss(self, outputs, targets) -> torch.Tensor:
-        fn = self.loss_fn or per_sample_cross_entropy
-        with torch.no_grad():
-            losses = fn(outputs, targets)
+        """One batched query of the loss (see :func:`query_loss`), counted: calls and samples."""
         self.num_loss_calls += 1
-        return check_losses(losses, outputs.shape[0]).to(outputs.device)
+        self.num_loss_samples += outputs.shape[0]
+        return query_loss(self.loss_fn, outputs, targets)
 
     # ------------------------------------------------------------------ main entry
     @torch.no_grad()
@@ -341,6 +379,9 @@ class DeltaEngine:
         if not isinstance(yb, torch.Tensor):
             raise TypeError(f"the model must return one tensor, got {type(yb).__name__}")
         p = _Pass(self, base)
+        name = ops.resolve_backend(self.backend, x.device)
+        p.kernels = None if name == "torch" else get_kernels(name)
+        p.targets = targets
         p.base_loss = self.call_loss(yb, targets).double()
         order = {n: i for i, n in enumerate(graph.nodes)}
         srcs = {name: self._sources(graph, name) for name in coords}
@@ -355,6 +396,14 @@ class DeltaEngine:
                 continue
             start = min((s for s, _ in srcs[name]), key=order.get)
             n = idx.numel()
+            # Nodes the parameter can change: a fused chain may only add a tensor outside this set.
+            p.affected = set()
+            todo = [s for s, _ in srcs[name]]
+            while todo:
+                nd = todo.pop()
+                if nd not in p.affected:
+                    p.affected.add(nd)
+                    todo.extend(nd.users)
             # Last use of each node, so deltas are freed as soon as nothing needs them.
             last_use = {}
             for nd in nodes[order[start]:]:

@@ -11,7 +11,8 @@ import time
 import torch
 import torch.nn as nn
 
-from .engine import DeltaEngine, check_losses, check_no_dropout, per_sample_cross_entropy, repeat_targets
+from .engine import (DeltaEngine, check_losses, check_no_dropout, per_sample_cross_entropy, query_loss,
+                     repeat_targets)
 from .ops import check_mu, resolve_backend
 
 __all__ = ["CGE", "RGE", "assign_grads", "check_batch", "check_masks"]
@@ -87,6 +88,17 @@ class _Estimator:
         self.last_output = None
         self.num_perturbations = 0
         self.last_seconds = 0.0
+        # Loss queries (batched calls of loss_fn) and the samples they carried: running totals
+        # and the last estimate's share (one failed midway still counts what it asked).
+        self.num_queries = 0
+        self.num_queried_samples = 0
+        self.last_num_queries = 0
+        self.last_num_queried_samples = 0
+
+    def _count_queries(self, calls: int, samples: int) -> None:
+        self.last_num_queries, self.last_num_queried_samples = calls, samples
+        self.num_queries += calls
+        self.num_queried_samples += samples
 
     def trainable(self) -> dict:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -105,20 +117,27 @@ class CGE(_Estimator):
         model: the network; estimates follow its mode (train: BatchNorm with the statistics of
             each perturbed batch; eval: running statistics).
         loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-sample losses for a batch of any size N
-            (the engine passes the targets repeated to match a chunk of perturbations). Default:
-            per-sample cross-entropy, evaluated in closed form at the logits.
+            (the engine passes the targets repeated to match a chunk of perturbations). It may be
+            a black box: it gets detached outputs under ``no_grad``, may return a NumPy array
+            (converted), must return finite values, and is called once for the unperturbed batch
+            and once per chunk. Default: per-sample cross-entropy, in closed form at the logits.
         mu: finite-difference step, > 0.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` for the fused ops.
         memory_budget: bytes one chunk of perturbations may use (default: 1 GiB on CPU, a quarter
             of free memory on a GPU). ``chunk_size`` fixes the chunk length instead.
 
     After :meth:`estimate`, ``last_loss`` (mean unperturbed loss), ``last_output`` (unperturbed
-    outputs) and ``num_perturbations`` (running total) describe the work done.
+    outputs) and ``num_perturbations`` (running total) describe the work done. Loss queries:
+    ``last_num_queries`` calls of ``loss_fn`` (1 + number of chunks) carrying
+    ``last_num_queried_samples`` samples (B * (1 + active coordinates)) in the last estimate;
+    ``num_queries`` / ``num_queried_samples`` are running totals. (With the default loss the
+    perturbed losses are closed-form, so only the base call is a query.)
     """
 
     def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None):
         super().__init__(model, loss_fn, mu, backend)
-        self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size)
+        self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size,
+                                  backend=backend)
 
     def estimate(self, x, y, masks=None, *, on_chunk=None) -> dict:
         """Estimate the gradient of the mean loss on batch ``(x, y)``.
@@ -140,7 +159,11 @@ class CGE(_Estimator):
             coords[name] = (torch.arange(p.numel(), device=p.device) if m is None
                             else m.reshape(-1).nonzero().squeeze(1).to(p.device))
         t0 = time.perf_counter()
-        out, base_loss, diffs = self.engine.run(x, y, coords, self.mu, on_chunk=on_chunk)
+        calls0, samples0 = self.engine.num_loss_calls, self.engine.num_loss_samples
+        try:
+            out, base_loss, diffs = self.engine.run(x, y, coords, self.mu, on_chunk=on_chunk)
+        finally:
+            self._count_queries(self.engine.num_loss_calls - calls0, self.engine.num_loss_samples - samples0)
         self.last_seconds = time.perf_counter() - t0
         self.last_output = out.detach()
         self.last_loss = float(base_loss.mean())
@@ -158,7 +181,9 @@ class RGE(_Estimator):
     """Randomized gradient estimate, eq. (1):
     ``g = (1/q) sum_i (l(theta + mu u_i) - l(theta)) / mu * u_i`` with unit-norm Gaussian
     directions ``u_i`` over all trainable parameters (so ``E[g] ~ grad / d``). The q
-    perturbed models are evaluated in batches (``torch.func.vmap``), not one by one.
+    perturbed models are evaluated in batches (``torch.func.vmap``), not one by one. ``loss_fn``
+    follows the same black-box contract as :class:`CGE`'s, and queries are counted the same
+    way (1 + number of chunks of directions calls, B * (1 + q) samples per estimate).
     """
 
     def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, backend="auto", chunk_size=None):
@@ -192,8 +217,18 @@ class RGE(_Estimator):
             return {n: torch.zeros_like(p) for n, p in params.items()}
         u = self.directions(names, generator) if directions is None else directions
         t0 = time.perf_counter()
-        diffs, out, base_loss = batched_losses(self.model, self.loss_fn, x, y, names, self.mu * u,
-                                               chunk_size=self.chunk_size)
+        calls = [0, 0]
+
+        def tail(outputs, targets):  # counts every query batched_losses makes
+            calls[0] += 1
+            calls[1] += outputs.shape[0]
+            return query_loss(self.loss_fn, outputs, targets)
+
+        try:
+            diffs, out, base_loss = batched_losses(self.model, tail, x, y, names, self.mu * u,
+                                                   chunk_size=self.chunk_size)
+        finally:
+            self._count_queries(*calls)
         self.last_seconds = time.perf_counter() - t0
         self.last_output, self.last_loss = out.detach(), float(base_loss.mean())
         self.num_perturbations += u.shape[0]
