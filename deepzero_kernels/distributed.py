@@ -4,24 +4,28 @@ Every rank holds a replica of the model and the same batch. The active coordinat
 masks) are partitioned across ranks by a cost model, each rank runs the local :class:`CGE` on its
 share only, and the partial gradients (disjoint supports) are summed with one ``all_reduce``.
 
-Cost model: a coordinate of parameter ``k`` costs the work after its layer. Before any measurement
-this is approximated by the number of parameters from ``k`` to the output (a FLOP proxy: the
-downstream layers are re-evaluated for every perturbation); after each step the measured seconds
-per coordinate of every parameter (timed between the engine's chunk callbacks) are all-reduced
-so that every rank holds the same numbers and computes the same partition.
+Cost model: a coordinate of parameter ``k`` costs the work after its layer. Before any
+measurement this is :func:`flop_costs`, the FLOPs that the delta engine spends on one
+perturbation of ``k`` (from the traced graph and the activation shapes of the first batch; the
+number of parameters from ``k`` to the output if the model cannot be traced). After each step
+the measured seconds per coordinate of every parameter (timed between the engine's chunk
+callbacks) are all-reduced, so every rank holds the same numbers and computes the same partition.
 """
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
+import torch.nn as nn
 
 from .estimators import CGE, assign_grads, check_masks
 
-__all__ = ["DistributedCGE", "partition", "init_from_env"]
+__all__ = ["DistributedCGE", "partition", "init_from_env", "flop_costs"]
 
 
 def init_from_env(timeout_s: float = 300.0, backend: str | None = None) -> bool:
@@ -70,6 +74,75 @@ def partition(counts: list, costs: list, world: int) -> list:
     return out
 
 
+_MIXING = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # ops that spread a one-channel delta
+
+
+def flop_costs(model: nn.Module, x: torch.Tensor):
+    """FLOPs that one perturbed coordinate of each trainable parameter costs, on batch ``x``.
+
+    Follows the delta engine with feature reuse: nothing before the parameter's layer is
+    recomputed; the layer adds a one-channel delta (its output elements / channels); ops that do
+    not mix channels keep that fraction (1 FLOP per element touched); the first conv/linear after
+    it costs 2 x its multiply-adds x the fraction and makes the delta dense; every later op runs
+    densely. Shapes come from one forward of the ``torch.fx`` trace on ``x`` (buffers restored).
+    Returns ``{name: flops}`` (>= 1), or None if the model cannot be traced. Shapes only, so
+    every rank computes the same numbers."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # the estimator warns about untraceable models itself
+        return None
+    shapes = {}
+
+    class Shapes(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                shapes[n] = tuple(out.shape)
+            return out
+
+    saved = [b.clone() for b in model.buffers()]
+    try:
+        with torch.no_grad():
+            Shapes(gm).run(x)
+    finally:  # a train-mode BatchNorm updated its running stats
+        with torch.no_grad():
+            for b, v in zip(model.buffers(), saved):
+                b.copy_(v)
+    mods = dict(gm.named_modules())
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    numel = lambda n: float(torch.Size(shapes[n]).numel()) if n in shapes else 0.0  # noqa: E731
+
+    def dense(n):
+        m = mods.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, _MIXING) and n in shapes:
+            k = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
+            return 2.0 * numel(n) * k, True
+        return numel(n), False
+
+    costs = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        mod, _, _ = name.rpartition(".")
+        frac = {}  # affected node -> fraction of its output that the delta touches
+        for n in nodes:
+            if (n.op == "call_module" and n.target == mod) or (n.op == "get_attr" and n.target == name):
+                shp = shapes.get(n, ())
+                frac[n] = 1.0 / shp[1] if n.op == "call_module" and len(shp) >= 2 else 1.0
+        cost = sum(numel(n) * f for n, f in frac.items() if n.op == "call_module")
+        for n in nodes:
+            if n in frac:
+                continue
+            f = max((frac[a] for a in n.all_input_nodes if a in frac), default=None)
+            if f is None:
+                continue  # feature reuse: unaffected nodes come from the cached base pass
+            flops, mixes = dense(n)
+            cost += flops * f
+            frac[n] = 1.0 if mixes else f
+        costs[name] = max(cost, 1.0)
+    return costs
+
+
 class DistributedCGE:
     """:class:`CGE` with the coordinates split across the ranks of ``process_group``.
 
@@ -78,10 +151,15 @@ class DistributedCGE:
     ``last_rank_seconds`` (list, every rank's estimation time), ``last_imbalance`` (max / mean),
     ``last_share`` (this rank's coordinate count). ``check_every`` > 0: every that many calls, a
     float64 checksum of all parameters and buffers is all-gathered and a ``RuntimeError`` raised
-    if the replicas differ. ``ema`` weighs the newest measurement of per-coordinate costs."""
+    if the replicas differ. ``initial_costs``: ``"flops"`` (:func:`flop_costs` on the first batch)
+    or ``"params"`` (parameters from the layer to the output). ``ema`` weighs the newest
+    measurement of per-coordinate costs (0 keeps the initial costs: the partition then depends
+    only on shapes and masks, the same in every run). ``costs`` holds the current
+    per-coordinate cost of each parameter (``names`` order) and ``costs_from`` their origin:
+    ``"params"``, ``"flops"`` or ``"measured"`` (seconds)."""
 
     def __init__(self, model, loss_fn=None, mu=5e-3, *, process_group=None, check_every: int = 10,
-                 ema: float = 0.5, **cge_kwargs):
+                 ema: float = 0.5, initial_costs: str = "flops", **cge_kwargs):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedCGE needs an initialised torch.distributed process group "
                                "(launch with torchrun and call init_from_env() or dist.init_process_group)")
@@ -90,8 +168,11 @@ class DistributedCGE:
         self.group = process_group
         self.rank = dist.get_rank(process_group)
         self.world = dist.get_world_size(process_group)
+        if initial_costs not in ("flops", "params"):
+            raise ValueError(f"initial_costs must be 'flops' or 'params', got {initial_costs!r}")
         self.check_every = int(check_every)
         self.ema = float(ema)
+        self.initial_costs = initial_costs
         self.calls = 0
         self.num_perturbations = 0
         self.last_loss, self.last_output = float("nan"), None
@@ -99,10 +180,10 @@ class DistributedCGE:
         params = self.cge.trainable()
         self.names = list(params)
         numels = [p.numel() for p in params.values()]
-        # FLOP proxy: parameters from this one to the output (named_parameters follows the forward)
-        suffix = [float(sum(numels[k:])) for k in range(len(numels))]
-        scale = 1.0 / max(suffix[0], 1.0) if suffix else 1.0
-        self.costs = [s * scale for s in suffix]  # arbitrary units until measured, then seconds
+        # Fallback proxy: parameters from this one to the output (named_parameters follows the
+        # forward); replaced by FLOPs at the first batch, whose shapes flop_costs needs.
+        self.costs = [float(sum(numels[k:])) for k in range(len(numels))]
+        self.costs_from = "params"
         self.measured = False
 
     @property
@@ -155,6 +236,10 @@ class DistributedCGE:
             active.append(torch.arange(p.numel(), device=p.device) if m is None
                           else m.reshape(-1).nonzero().squeeze(1))
         counts = [a.numel() for a in active]
+        if self.initial_costs == "flops" and self.calls == 1:  # needs a batch for the shapes
+            fl = flop_costs(self.model, x)
+            if fl is not None:
+                self.costs, self.costs_from = [fl[n] for n in self.names], "flops"
         shares = partition(counts, self.costs, self.world)
         mine = {}
         for k, a, b in shares[self.rank]:
@@ -167,19 +252,22 @@ class DistributedCGE:
             local[name] = m.reshape(p.shape)
         self.last_share = sum(int(m.sum()) for m in local.values())
 
-        # time each parameter: the engine calls on_chunk(name, k) after each chunk
-        times = {}
-        last = [0.0]
+        # time each parameter: the engine calls on_chunk(name, k) after each chunk. The first
+        # interval also holds the base forward pass, which every rank pays whatever its share:
+        # leave it out so it is not charged to the coordinates of the first parameter.
+        times, timed = {}, {}
+        last = [None]
 
         def cb(name, kk):
             now = time.perf_counter()
-            times[name] = times.get(name, 0.0) + now - last[0]
+            if last[0] is not None:
+                times[name] = times.get(name, 0.0) + now - last[0]
+                timed[name] = timed.get(name, 0) + kk
             last[0] = now
             if on_chunk is not None:
                 on_chunk(name, kk)
 
         t0 = time.perf_counter()
-        last[0] = t0
         grads = self.cge.estimate(x, y, local, on_chunk=cb)
         elapsed = time.perf_counter() - t0
 
@@ -187,10 +275,9 @@ class DistributedCGE:
             torch.zeros(0, dtype=torch.float64, device=dev)
         n = len(self.names)
         stats = torch.zeros(2 * n + self.world, dtype=torch.float64, device=dev)
-        local_counts = {name: int(m.sum()) for name, m in local.items()}
         for k, name in enumerate(self.names):
             stats[k] = times.get(name, 0.0)
-            stats[n + k] = local_counts[name]
+            stats[n + k] = timed.get(name, 0)
         stats[2 * n + self.rank] = elapsed
         # one collective for the gradient and the timings together
         buf = self._allreduce(torch.cat([flat, stats]))
@@ -198,16 +285,14 @@ class DistributedCGE:
         self.last_rank_seconds = stats[2 * n:].tolist()
         mean = sum(self.last_rank_seconds) / self.world
         self.last_imbalance = max(self.last_rank_seconds) / mean if mean > 0 else 1.0
-        per = []
-        for k in range(n):
-            c = stats[n + k].item()
-            per.append(stats[k].item() / c if c > 0 else None)
-        if any(v is not None for v in per):
-            if not self.measured:  # switch units to seconds: unmeasured params scaled by a known one
-                ref = [(v, self.costs[k]) for k, v in enumerate(per) if v is not None]
-                ratio = sum(v for v, _ in ref) / max(sum(c for _, c in ref), 1e-300)
+        secs, cnt = stats[:n].tolist(), stats[n:2 * n].tolist()
+        per = [t / c if c > 0 else None for t, c in zip(secs, cnt)]
+        if self.ema > 0 and any(v is not None for v in per):
+            if not self.measured:  # switch units to seconds, fitted to the total measured time, so
+                # parameters not measured yet keep their initial cost relative to measured ones
+                ratio = sum(secs) / max(sum(c * k for c, k in zip(self.costs, cnt)), 1e-300)
                 self.costs = [c * ratio for c in self.costs]
-                self.measured = True
+                self.measured, self.costs_from = True, "measured"
             self.costs = [c if v is None else (1 - self.ema) * c + self.ema * v
                           for c, v in zip(self.costs, per)]
         self.last_output, self.last_loss = self.cge.last_output, self.cge.last_loss

@@ -32,7 +32,9 @@ FORMAT = "deepzero_kernels.train/1"
 MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "mlp")
 # Flags that only change speed or display: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "out", "progress", "threads", "device", "backend", "memory_budget",
-               "eval_batch_size"}
+               "eval_batch_size", "dist_timeout", "check_every"}
+# torchrun settings: flag, else environment variable, else default (see dist_setting)
+DIST_ENV = {"dist_timeout": ("DZ_DIST_TIMEOUT", float, 300.0), "check_every": ("DZ_CHECK_EVERY", int, 10)}
 
 PAPER_RECIPE = ("python -m deepzero_kernels.train --dataset cifar10 --data-dir DIR --model resnet20 "
                 "--estimator cge --sparsity 0.9 --sparsity-method zo_grasp --grasp-q 192 --mu 5e-3 "
@@ -129,6 +131,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="continue the run saved in DIR exactly (its config is reused; default: start a new run)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=d(True),
                    help="no tqdm progress bar (default: show it)")
+    g = p.add_argument_group("multi-process (torchrun --nproc_per_node=N -m deepzero_kernels.train ...; CGE only)")
+    g.add_argument("--dist-timeout", type=float, default=d(None), metavar="SECONDS",
+                   help="a rank that dies or hangs makes the others exit with an error after this "
+                        "long (default: $DZ_DIST_TIMEOUT, else 300)")
+    g.add_argument("--check-every", type=int, default=d(None), metavar="STEPS",
+                   help="compare a checksum of the weights across ranks every this many steps and "
+                        "fail on divergence; 0 = never (default: $DZ_CHECK_EVERY, else 10)")
     return p
 
 
@@ -155,6 +164,13 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     need(a.width >= 1, f"--width must be >= 1, got {a.width}")
     need(a.threads >= 0, f"--threads must be >= 0, got {a.threads}")
     need(a.memory_budget is None or a.memory_budget > 0, f"--memory-budget must be > 0, got {a.memory_budget}")
+    for key in DIST_ENV:
+        try:
+            v = dist_setting(vars(a), key)
+        except ValueError as e:
+            p.error(str(e))
+        need(finite(v) and v > 0 if key == "dist_timeout" else v >= 0,
+             f"--{key.replace('_', '-')} must be {'> 0' if key == 'dist_timeout' else '>= 0'}, got {v}")
     need(not (a.sparsity > 0 and a.sparsity_method == "none"),
          f"--sparsity {a.sparsity} with --sparsity-method none: use --sparsity 0 for dense training "
          f"or pick zo_grasp/random")
@@ -203,6 +219,24 @@ def parse_args(argv=None):
     if cfg["sparsity"] == 0:
         cfg["sparsity_method"] = "none"
     return cfg, p
+
+
+def dist_setting(cfg: dict, key: str):
+    """``--dist-timeout`` / ``--check-every``: the flag if given, else its environment variable
+    (kept from before the flags existed), else the default."""
+    env, typ, default = DIST_ENV[key]
+    if cfg.get(key) is not None:
+        return cfg[key]
+    raw = os.environ.get(env)
+    if raw is None:
+        return default
+    try:
+        v = typ(raw)
+    except ValueError:
+        raise ValueError(f"${env}={raw!r} is not a valid {typ.__name__}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"${env}={raw!r} is not finite")
+    return v
 
 
 def load_config(run_dir: str) -> dict:
@@ -384,7 +418,7 @@ def run(cfg: dict, log=None) -> dict:
         from . import distributed as DZD
         import torch.distributed as tdist
         own_group = not tdist.is_initialized()
-        DZD.init_from_env(float(os.environ.get("DZ_DIST_TIMEOUT", "300")))
+        DZD.init_from_env(dist_setting(cfg, "dist_timeout"))
         rank = tdist.get_rank()
     writer = rank == 0
     progress = cfg.get("progress", True) and writer
@@ -448,7 +482,7 @@ def run(cfg: dict, log=None) -> dict:
             if dist_on:
                 est = DZD.DistributedCGE(model, mu=cfg["mu"], backend=cfg["backend"],
                                          memory_budget=cfg["memory_budget"],
-                                         check_every=int(os.environ.get("DZ_CHECK_EVERY", "10")))
+                                         check_every=dist_setting(cfg, "check_every"))
             else:
                 est = dz.CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"])
         else:

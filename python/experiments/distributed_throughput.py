@@ -4,7 +4,10 @@
     torchrun --nproc_per_node=2 python/experiments/distributed_throughput.py --worker
 
 Every rank uses 1 thread (2 ranks on 2 cores). Reports perturbations/s (whole group), each
-rank's estimation seconds per step and the imbalance max/mean over the measured steps.
+rank's estimation seconds per step and the imbalance max/mean over the measured steps. With N > 1
+ranks it runs once per cost model (``--costs``): ``params`` and ``flops`` keep their initial
+costs (no measured refinement, ``ema=0``), ``measured`` starts from FLOPs and refines with the
+measured per-parameter times (the trainer's default).
 """
 import argparse
 import json
@@ -29,7 +32,11 @@ def worker(a):
     y = torch.randint(0, 10, (a.batch,))
     g = torch.Generator().manual_seed(1)
     masks = {n: torch.rand(p.shape, generator=g) < a.density for n, p in model.named_parameters()}
-    est = DZD.DistributedCGE(model, check_every=0) if dist_on else CGE(model)
+    if dist_on:
+        kw = {"measured": {}, "flops": {"ema": 0.0}, "params": {"ema": 0.0, "initial_costs": "params"}}[a.cost]
+        est = DZD.DistributedCGE(model, check_every=0, **kw)
+    else:
+        est = CGE(model)
     secs, imbs, ranks = [], [], []
     for i in range(a.warmup + a.steps):
         t0 = time.perf_counter()
@@ -45,11 +52,13 @@ def worker(a):
     if rank == 0:
         world = int(os.environ.get("WORLD_SIZE", 1))
         mean = sum(secs) / len(secs)
-        res = {"ranks": world, "model": a.model, "active": n_active, "s_per_step": mean,
+        res = {"ranks": world, "costs": a.cost if dist_on else None, "model": a.model,
+               "active": n_active, "s_per_step": mean,
                "pert_per_s": n_active / mean,
                "imbalance_mean": sum(imbs) / len(imbs) if imbs else 1.0,
                "imbalance_per_step": imbs,
-               "rank_seconds_last": ranks[-1] if ranks else [mean]}
+               "rank_seconds_last": ranks[-1] if ranks else [mean],
+               "rank0_share": est.last_share if dist_on else n_active}
         print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -63,12 +72,15 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ranks", default="1,2")
+    p.add_argument("--cost", default="measured", choices=("measured", "flops", "params"))
+    p.add_argument("--costs", default="params,flops,measured", help="cost models tried with N > 1 ranks")
     a = p.parse_args()
     if a.worker:
         return worker(a)
     rest = [f"--model={a.model}", f"--size={a.size}", f"--batch={a.batch}", f"--density={a.density}",
             f"--steps={a.steps}", f"--warmup={a.warmup}", "--worker"]
-    for n in map(int, a.ranks.split(",")):
+    runs = [(n, c) for n in map(int, a.ranks.split(",")) for c in (a.costs.split(",") if n > 1 else ["-"])]
+    for n, cost in runs:
         env = dict(os.environ, OMP_NUM_THREADS="1")
         if n == 1:
             cmd = [sys.executable, __file__] + rest
@@ -77,7 +89,7 @@ def main():
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
-                   "--master_addr=127.0.0.1", f"--master_port={port}", __file__] + rest
+                   "--master_addr=127.0.0.1", f"--master_port={port}", __file__] + rest + [f"--cost={cost}"]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         print(line[0][7:] if line else out.stdout + out.stderr, flush=True)
