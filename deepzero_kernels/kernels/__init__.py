@@ -174,7 +174,8 @@ class Kernels:
                       pool_k=0, pool_s=0, pool_base=None):
         ck = _Checker("channel_chain", "values", values)
         empty = values.new_empty(0)
-        pool_base = empty if pool_base is None else pool_base
+        bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base = (
+            empty if t is None else t for t in (bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base))
         ck.tensor("values", values, (None, None, None, None))
         b, k, h, w = values.shape
         c = relu_base.shape[1] if relu_base.numel() else bn_weight.shape[0] if bn_mode else None
