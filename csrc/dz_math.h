@@ -1,0 +1,102 @@
+// Per-element math of the fused perturbation kernels, shared by the CPU launcher (cpu_kernels.cpp)
+// and the CUDA kernels (cuda_kernels.cu). No ATen here: nvcc compiles this for the device.
+// The semantics are those of deepzero_kernels/kernels/reference.py; the comments name the
+// reference expression each function mirrors, so that float32 rounding follows it closely.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DZ_HD __host__ __device__ __forceinline__
+#else
+#define DZ_HD inline
+#endif
+
+namespace dz {
+
+// Clamped integer helpers (std::min/max are not device functions everywhere).
+DZ_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+DZ_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Floor division for possibly negative numerators (C++ '/' truncates towards zero).
+DZ_HD int64_t floordiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// The output positions j in [0, n_out) whose input index j*stride + off lies in [0, n): [*lo, *hi).
+// Lets inner loops run branch-free over the valid range (zero padding outside).
+DZ_HD void valid_range(int64_t n, int64_t n_out, int64_t stride, int64_t off, int64_t* lo, int64_t* hi) {
+  // j*stride + off >= 0  <=>  j >= ceil(-off / stride);  j*stride + off < n  <=>  j <= floor((n - 1 - off) / stride)
+  int64_t a = off >= 0 ? 0 : (-off + stride - 1) / stride;
+  int64_t b = floordiv(n - 1 - off, stride) + 1;
+  *lo = imin(imax(a, 0), n_out);
+  *hi = imax(imin(b, n_out), *lo);
+}
+
+// ReLU delta relu(x0 + d) - relu(x0), as reference.channel_chain writes it:
+// where(x0 > 0, maximum(d, -x0), clamp_min(x0 + d, 0)). Written as selects so loops vectorise.
+template <typename T>
+DZ_HD T relu_delta(T x0, T d) {
+  T pos = d > -x0 ? d : -x0;
+  T s = x0 + d;
+  T neg = s > T(0) ? s : T(0);
+  return x0 > T(0) ? pos : neg;
+}
+
+// Ceil-mode max pool without padding: window p covers [p*s, min(p*s + k, n)) (clipped at the border;
+// every window starts inside, see reference.pool_out).
+DZ_HD int64_t pool_out(int64_t n, int64_t k, int64_t s) { return n >= k ? (n - k + s - 1) / s + 1 : 1; }
+
+// Coefficients of the BatchNorm (batch statistics) output change for one (perturbation, channel):
+// out' - out = c0 + x_hat * c1 + delta * c2, from the moments of delta over the n reduced elements
+// (s1 = sum delta, s2 = sum delta^2, sxd = sum x_hat * delta). Same algebra as ops.batch_norm_delta:
+// var' - var = 2 E[x_hat delta] + E[delta^2] - E[delta]^2, and the change of 1/std is formed without
+// subtracting two nearly equal numbers. Computed in double whatever the data type.
+struct BnCoef {
+  double c0, c1, c2;
+};
+
+DZ_HD BnCoef bn_delta_coef(double s1, double s2, double sxd, double n, double inv_std, double weight) {
+  double d_mean = s1 / n;
+  double d_var = (2.0 * sxd + s2) / n - d_mean * d_mean;
+  double std_ = 1.0 / inv_std;
+  double new_inv = 1.0 / sqrt(std_ * std_ + d_var);
+  double d_inv = -d_var * inv_std * new_inv / (std_ + 1.0 / new_inv);
+  d_inv *= weight;
+  new_inv *= weight;
+  BnCoef c;
+  c.c0 = -d_mean * new_inv;
+  c.c1 = d_inv;
+  c.c2 = new_inv;
+  return c;
+}
+
+// Closed-form cross-entropy change of sample b when only logit i changes by d:
+// log1p(p_i expm1(d)) - d [i == y] (ops.cross_entropy_delta with coords). Non-finite only when p_i
+// rounded to 1 and d is very negative; the caller then uses ce_direct.
+DZ_HD double ce_coord(double p_i, double d, bool hit) { return log1p(p_i * expm1(d)) - (hit ? d : 0.0); }
+
+// Fallback: logsumexp(logits + delta) - logsumexp(logits) - delta_y in double, with the delta given as
+// a function of the coordinate (ops.cross_entropy_delta's `direct`).
+template <typename L, typename DeltaAt>
+DZ_HD double ce_direct(const L* logits, int64_t n, int64_t y, double lse0, DeltaAt delta_at) {
+  double m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) {
+    double v = double(logits[j]) + delta_at(j);
+    m = v > m ? v : m;
+  }
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += exp(double(logits[j]) + delta_at(j) - m);
+  return (m + log(s)) - lse0 - delta_at(y);
+}
+
+// logsumexp of a row in double (max-shifted).
+template <typename T>
+DZ_HD double logsumexp_row(const T* x, int64_t n) {
+  double m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = double(x[j]) > m ? double(x[j]) : m;
+  double s = 0.0;
+  for (int64_t j = 0; j < n; ++j) s += exp(double(x[j]) - m);
+  return m + log(s);
+}
+
+}  // namespace dz
