@@ -81,7 +81,9 @@ setup(
     install_requires=["torch>=2.1", "numpy"],
     extras_require={
         "train": ["scikit-learn", "tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "matplotlib"],
+        # triton: its kernels are tested on CPU under TRITON_INTERPRET=1 (Linux x86-64 wheels only)
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "matplotlib",
+                 "triton; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
