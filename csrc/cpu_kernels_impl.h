@@ -197,18 +197,25 @@ void run_onech(const OneCh<T>& a, const Src& src) {
     // still in this core's cache.
 #pragma omp parallel num_threads(nt)
     {
-      std::vector<T> dbuf(HW), t(HW), rm(a.W);
+      // All B delta planes of one perturbation stay in this buffer (B*H*W, cache-sized at the
+      // suite's sizes), so the apply pass reuses the statistics pass's gather instead of redoing it.
+      std::vector<T> dbuf(stats ? B * HW : HW), t(HW), rm(a.W);
+      std::vector<const T*> planes(B);
       std::vector<double> part(3 * B);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t k = 0; k < K; ++k) {
         BnCoef cf{0, 0, 0};
         if (stats) {
           const T* xh = a.xhat + a.ch[k] * HW;
-          for (int64_t b = 0; b < B; ++b)
-            moments(src.plane(b, k, dbuf.data()), xh + b * a.C * HW, HW, &part[3 * b]);
+          for (int64_t b = 0; b < B; ++b) {
+            planes[b] = src.plane(b, k, dbuf.data() + b * HW);
+            moments(planes[b], xh + b * a.C * HW, HW, &part[3 * b]);
+          }
           cf = onech_coef(a, k, part.data());
+          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, planes[b], cf, t.data(), rm.data());
+        } else {
+          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, src.plane(b, k, dbuf.data()), cf, t.data(), rm.data());
         }
-        for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, src.plane(b, k, dbuf.data()), cf, t.data(), rm.data());
       }
     }
   } else {
