@@ -67,17 +67,6 @@ void max_pool_plane(const T* __restrict t, int64_t H, int64_t W, int64_t pk, int
 
 // ------------------------------------------------------------------------ one-channel chain
 // The channel-local chain after a one-channel delta: (B, K, H, W) in, (B, K, H', W') out.
-template <typename T>
-struct OneCh {
-  int64_t B, K, C, H, W, Hp, Wp;
-  const int64_t* ch;  // channel of each perturbation
-  int64_t bn_mode;
-  const T *xhat, *inv_std, *bnw, *relu_base;
-  int64_t pk, ps;
-  const T* pool_base;
-  T* out;
-};
-
 // Source of the chain's input: the delta plane (b, k), read from a tensor ...
 template <typename T>
 struct ValuesSrc {
@@ -143,7 +132,7 @@ void moments(const T* __restrict d, const T* __restrict xh, int64_t n, double* s
 
 // BatchNorm coefficients of perturbation k from its per-sample moments part[3*b ...], summed in b order.
 template <typename T>
-BnCoef onech_coef(const OneCh<T>& a, int64_t k, const double* part) {
+BnCoef onech_coef(const OneChArgs<T>& a, int64_t k, const double* part) {
   double s[3] = {0, 0, 0};
   for (int64_t b = 0; b < a.B; ++b)
     for (int q = 0; q < 3; ++q) s[q] += part[3 * b + q];
@@ -153,7 +142,7 @@ BnCoef onech_coef(const OneCh<T>& a, int64_t k, const double* part) {
 
 // Apply the chain to delta plane d of item (k, b) and write its output plane. t: H*W, rm: W scratch.
 template <typename T>
-void onech_apply(const OneCh<T>& a, int64_t k, int64_t b, const T* __restrict d, const BnCoef& cf,
+void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restrict d, const BnCoef& cf,
                  T* __restrict t, T* __restrict rm) {
   const int64_t HW = a.H * a.W, c = a.ch[k], off = (b * a.C + c) * HW;
   // BatchNorm delta, in the reference's order: (c0 + x_hat c1) + d c2, or d * w.
@@ -188,7 +177,7 @@ void onech_apply(const OneCh<T>& a, int64_t k, int64_t b, const T* __restrict d,
 }
 
 template <typename T, typename Src>
-void run_onech(const OneCh<T>& a, const Src& src) {
+void run_onech(const OneChArgs<T>& a, const Src& src) {
   const int nt = num_threads();
   const int64_t HW = a.H * a.W, B = a.B, K = a.K;
   const bool stats = a.bn_mode == 1;
@@ -244,11 +233,11 @@ void run_onech(const OneCh<T>& a, const Src& src) {
 }
 
 template <typename T>
-OneCh<T> onech_args(int64_t B, int64_t K, int64_t H, int64_t W, const at::Tensor& channel, int64_t bn_mode,
+OneChArgs<T> onech_args(int64_t B, int64_t K, int64_t H, int64_t W, const at::Tensor& channel, int64_t bn_mode,
                     const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
                     const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s, const at::Tensor& pool_base,
                     at::Tensor& out, const at::TensorOptions& opt) {
-  OneCh<T> a;
+  OneChArgs<T> a;
   a.B = B, a.K = K, a.H = H, a.W = W;
   a.C = relu_base.numel() ? relu_base.size(1) : bn_mode ? bn_weight.size(0) : 0;
   a.ch = channel.data_ptr<int64_t>();
@@ -267,19 +256,6 @@ OneCh<T> onech_args(int64_t B, int64_t K, int64_t H, int64_t W, const at::Tensor
 // ----------------------------------------------------------------------------- dense chain
 // BatchNorm (statistics per (k, c) over (B, H, W)) -> + residual -> ReLU -> max pool -> global average
 // on (B, K, C, H, W) values; one work item per (k, c).
-template <typename T>
-struct Dense {
-  int64_t B, K, C, H, W, Hp, Wp;
-  int64_t bn_mode;
-  const T *bnw, *bnb;
-  double eps;
-  const T* residual;
-  bool relu;
-  int64_t pk, ps;
-  bool gavg;
-  T* out;
-};
-
 // Sources of the dense chain's pre-BatchNorm planes of item (k, c): fill() sets planes[b] to the
 // (H, W) plane of sample b, written into vbuf (B * H * W) when it has to be computed. `Local` is
 // per-thread state.
@@ -420,7 +396,7 @@ void affine_act_mode(bool relu, const T* v, const T* res, T m, T r, T w, T bb, i
 
 // Everything after the statistics, for the plane v of item (b, k, c).
 template <typename T>
-void dense_apply(const Dense<T>& a, int64_t b, int64_t k, int64_t c, const T* __restrict v, T mean, T rstd,
+void dense_apply(const DenseArgs<T>& a, int64_t b, int64_t k, int64_t c, const T* __restrict v, T mean, T rstd,
                  T* __restrict t, T* __restrict rm, T* __restrict pbuf) {
   const int64_t HW = a.H * a.W, item = (b * a.K + k) * a.C + c;
   const T* res = a.residual ? a.residual + (b * a.C + c) * HW : nullptr;
@@ -443,7 +419,7 @@ void dense_apply(const Dense<T>& a, int64_t b, int64_t k, int64_t c, const T* __
 }
 
 template <typename T, typename Src>
-void run_dense(const Dense<T>& a, const Src& src) {
+void run_dense(const DenseArgs<T>& a, const Src& src) {
   const int nt = num_threads();
   const int64_t HW = a.H * a.W, B = a.B, KC = a.K * a.C;
 #pragma omp parallel num_threads(nt) if (KC > 1)
@@ -484,11 +460,11 @@ void run_dense(const Dense<T>& a, const Src& src) {
 }
 
 template <typename T>
-Dense<T> dense_args(int64_t B, int64_t K, int64_t C, int64_t H, int64_t W, int64_t bn_mode,
+DenseArgs<T> dense_args(int64_t B, int64_t K, int64_t C, int64_t H, int64_t W, int64_t bn_mode,
                     const at::Tensor& bn_weight, const at::Tensor& bn_bias, double eps, const at::Tensor& residual,
                     bool relu, int64_t pool_k, int64_t pool_s, bool global_avg, at::Tensor& out,
                     const at::TensorOptions& opt) {
-  Dense<T> a;
+  DenseArgs<T> a;
   a.B = B, a.K = K, a.C = C, a.H = H, a.W = W;
   a.bn_mode = bn_mode;
   a.bnw = ptr<T>(bn_weight), a.bnb = ptr<T>(bn_bias);

@@ -71,17 +71,6 @@ __device__ __forceinline__ T nan_max(T m, T v) {  // max that propagates NaN, as
 
 // ------------------------------------------------------------------------ one-channel chain
 template <typename T>
-struct OneChD {
-  int64_t B, K, C, H, W, Hp, Wp;
-  const int64_t* ch;
-  int bn_mode;
-  const T *xhat, *inv_std, *bnw, *relu_base;
-  int64_t pk, ps;
-  const T* pool_base;
-  T* out;
-};
-
-template <typename T>
 struct ValuesSrcD {
   const T* v;
   int64_t K, HW;
@@ -104,7 +93,7 @@ struct GatherSrcD {
 };
 
 template <typename T, typename Src>
-__global__ void __launch_bounds__(kThreads) onech_kernel(OneChD<T> a, Src src) {
+__global__ void __launch_bounds__(kThreads) onech_kernel(OneChArgs<T> a, Src src) {
   __shared__ double sh[3 * 32];
   const int64_t k = blockIdx.x, HW = a.H * a.W, n = a.B * HW, HWp = a.Hp * a.Wp;
   const int64_t c = a.ch[k];
@@ -160,18 +149,6 @@ __global__ void __launch_bounds__(kThreads) onech_kernel(OneChD<T> a, Src src) {
 
 // ----------------------------------------------------------------------------- dense chain
 template <typename T>
-struct DenseD {
-  int64_t B, K, C, H, W, Hp, Wp;
-  int bn_mode;
-  const T *bnw, *bnb;
-  double eps;
-  const T* residual;
-  bool relu, gavg;
-  int64_t pk, ps;
-  T* out;
-};
-
-template <typename T>
 struct DenseValuesSrcD {
   const T* v;
   int64_t K, C, HW;
@@ -209,7 +186,7 @@ struct ConvSrcD {
 // -> ReLU -> max pool -> global average. With `cache`, the item's pre-BatchNorm values are kept in
 // dynamic shared memory between the passes instead of being recomputed.
 template <typename T, typename Src>
-__global__ void __launch_bounds__(kThreads) dense_kernel(DenseD<T> a, Src src, bool cache) {
+__global__ void __launch_bounds__(kThreads) dense_kernel(DenseArgs<T> a, Src src, bool cache) {
   DZ_DYNAMIC_SMEM(double, smem_d);  // double: aligned for T
   T* vc = reinterpret_cast<T*>(smem_d);
   __shared__ double sh[32];
@@ -380,11 +357,11 @@ const T* ptr(const at::Tensor& t) {
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
 template <typename T>
-cuda::OneChD<T> onech_args(int64_t B, int64_t K, int64_t H, int64_t W, const at::Tensor& channel, int64_t bn_mode,
+OneChArgs<T> onech_args(int64_t B, int64_t K, int64_t H, int64_t W, const at::Tensor& channel, int64_t bn_mode,
                            const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
                            const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s, const at::Tensor& pool_base,
                            at::Tensor& out, const at::TensorOptions& opt) {
-  cuda::OneChD<T> a;
+  OneChArgs<T> a;
   a.B = B, a.K = K, a.H = H, a.W = W;
   a.C = relu_base.numel() ? relu_base.size(1) : bn_mode ? bn_weight.size(0) : 0;
   a.ch = channel.data_ptr<int64_t>();
@@ -401,11 +378,11 @@ cuda::OneChD<T> onech_args(int64_t B, int64_t K, int64_t H, int64_t W, const at:
 }
 
 template <typename T>
-cuda::DenseD<T> dense_args(int64_t B, int64_t K, int64_t C, int64_t H, int64_t W, int64_t bn_mode,
+DenseArgs<T> dense_args(int64_t B, int64_t K, int64_t C, int64_t H, int64_t W, int64_t bn_mode,
                            const at::Tensor& bn_weight, const at::Tensor& bn_bias, double eps,
                            const at::Tensor& residual, bool relu, int64_t pool_k, int64_t pool_s, bool global_avg,
                            at::Tensor& out, const at::TensorOptions& opt) {
-  cuda::DenseD<T> a;
+  DenseArgs<T> a;
   a.B = B, a.K = K, a.C = C, a.H = H, a.W = W;
   a.bn_mode = int(bn_mode);
   a.bnw = ptr<T>(bn_weight), a.bnb = ptr<T>(bn_bias);
@@ -424,7 +401,7 @@ cuda::DenseD<T> dense_args(int64_t B, int64_t K, int64_t C, int64_t H, int64_t W
 constexpr size_t kCacheLimit = 48 * 1024 - 32 * sizeof(double);
 
 template <typename T, typename Src>
-void launch_dense(const cuda::DenseD<T>& a, const Src& src) {
+void launch_dense(const DenseArgs<T>& a, const Src& src) {
   if (a.K * a.C == 0) return;
   const size_t bytes = size_t(a.B * a.H * a.W) * sizeof(T);
   const bool cache = a.bn_mode == 1 && bytes <= kCacheLimit;

@@ -15,6 +15,34 @@
 
 namespace dz {
 
+// Arguments of the one-channel chain ((B, K, H, W) delta -> (B, K, H', W') change), the same for the
+// CPU and CUDA launchers.
+template <typename T>
+struct OneChArgs {
+  int64_t B, K, C, H, W, Hp, Wp;
+  const int64_t* ch;  // channel of each perturbation
+  int64_t bn_mode;
+  const T *xhat, *inv_std, *bnw, *relu_base;
+  int64_t pk, ps;
+  const T* pool_base;
+  T* out;
+};
+
+// Arguments of the dense chain: BatchNorm (statistics per (k, c) over (B, H, W)) -> + residual ->
+// ReLU -> max pool -> global average on (B, K, C, H, W) values.
+template <typename T>
+struct DenseArgs {
+  int64_t B, K, C, H, W, Hp, Wp;
+  int64_t bn_mode;
+  const T *bnw, *bnb;
+  double eps;
+  const T* residual;
+  bool relu, gavg;
+  int64_t pk, ps;
+  T* out;
+};
+
+
 // Clamped integer helpers (std::min/max are not device functions everywhere).
 DZ_HD int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 DZ_HD int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
