@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "chain_args.h"
 #include "dz_math.h"
 #include "kernels.h"
 

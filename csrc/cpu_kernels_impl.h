@@ -14,11 +14,6 @@ namespace DZ_CPU_NS {
 
 int num_threads() { return std::max(1, at::get_num_threads()); }
 
-template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return t.numel() ? t.data_ptr<T>() : nullptr;
-}
-
 // sum of f(e), e < n, in double over 8 independent lanes: vectorises without reassociation flags and
 // is deterministic.
 template <typename F>
@@ -232,27 +227,6 @@ void run_onech(const OneChArgs<T>& a, const Src& src) {
   }
 }
 
-template <typename T>
-OneChArgs<T> onech_args(int64_t B, int64_t K, int64_t H, int64_t W, const at::Tensor& channel, int64_t bn_mode,
-                    const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
-                    const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s, const at::Tensor& pool_base,
-                    at::Tensor& out, const at::TensorOptions& opt) {
-  OneChArgs<T> a;
-  a.B = B, a.K = K, a.H = H, a.W = W;
-  a.C = relu_base.numel() ? relu_base.size(1) : bn_mode ? bn_weight.size(0) : 0;
-  a.ch = channel.data_ptr<int64_t>();
-  a.bn_mode = bn_mode;
-  a.xhat = ptr<T>(bn_xhat), a.inv_std = ptr<T>(bn_inv_std), a.bnw = ptr<T>(bn_weight);
-  a.relu_base = ptr<T>(relu_base);
-  a.pk = pool_k, a.ps = pool_s;
-  a.pool_base = ptr<T>(pool_base);
-  a.Hp = pool_k ? pool_base.size(2) : H;
-  a.Wp = pool_k ? pool_base.size(3) : W;
-  out = at::empty({B, K, a.Hp, a.Wp}, opt);
-  a.out = out.data_ptr<T>();
-  return a;
-}
-
 // ----------------------------------------------------------------------------- dense chain
 // BatchNorm (statistics per (k, c) over (B, H, W)) -> + residual -> ReLU -> max pool -> global average
 // on (B, K, C, H, W) values; one work item per (k, c).
@@ -457,27 +431,6 @@ void run_dense(const DenseArgs<T>& a, const Src& src) {
       for (int64_t b = 0; b < B; ++b) dense_apply(a, b, k, c, planes[b], tm, rstd, t.data(), rm.data(), pbuf.data());
     }
   }
-}
-
-template <typename T>
-DenseArgs<T> dense_args(int64_t B, int64_t K, int64_t C, int64_t H, int64_t W, int64_t bn_mode,
-                    const at::Tensor& bn_weight, const at::Tensor& bn_bias, double eps, const at::Tensor& residual,
-                    bool relu, int64_t pool_k, int64_t pool_s, bool global_avg, at::Tensor& out,
-                    const at::TensorOptions& opt) {
-  DenseArgs<T> a;
-  a.B = B, a.K = K, a.C = C, a.H = H, a.W = W;
-  a.bn_mode = bn_mode;
-  a.bnw = ptr<T>(bn_weight), a.bnb = ptr<T>(bn_bias);
-  a.eps = eps;
-  a.residual = ptr<T>(residual);
-  a.relu = relu;
-  a.pk = pool_k, a.ps = pool_s;
-  a.Hp = pool_k ? pool_out(H, pool_k, pool_s) : H;
-  a.Wp = pool_k ? pool_out(W, pool_k, pool_s) : W;
-  a.gavg = global_avg;
-  out = global_avg ? at::empty({B, K, C}, opt) : at::empty({B, K, C, a.Hp, a.Wp}, opt);
-  a.out = out.data_ptr<T>();
-  return a;
 }
 
 // ------------------------------------------------------------------------- cross-entropy

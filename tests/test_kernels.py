@@ -14,7 +14,6 @@ import torch.nn.functional as F
 
 import deepzero_kernels as dz
 from deepzero_kernels import kernels, models, ops
-from deepzero_kernels.kernels import reference as ref
 
 from conftest import naive_cge, rel_err
 

@@ -19,7 +19,6 @@ from . import reference
 __all__ = ["Kernels", "available", "get", "KERNEL_NAMES"]
 
 KERNEL_NAMES = tuple(reference.__all__)
-_EMPTY_OK = "empty"  # marker: an optional tensor argument given as an empty tensor
 
 
 # ----------------------------------------------------------------------------- availability
@@ -89,6 +88,11 @@ class _Checker:
             raise TypeError(f"{kernel}: {ref_name} must be float32 or float64, got {ref.dtype}")
         self.dtype, self.device = ref.dtype, ref.device
         self.tensor(ref_name, ref)
+
+    def absent_as_empty(self, *ts):
+        """Optional tensors given as None become the empty tensors the kernels take for "absent"."""
+        empty = torch.empty(0, dtype=self.dtype, device=self.device)
+        return tuple(empty if t is None else t for t in ts)
 
     def fail(self, msg, exc=ValueError):
         raise exc(f"{self.kernel}: {msg}")
@@ -173,9 +177,8 @@ class Kernels:
     def channel_chain(self, values, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
                       pool_k=0, pool_s=0, pool_base=None):
         ck = _Checker("channel_chain", "values", values)
-        empty = values.new_empty(0)
-        bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base = (
-            empty if t is None else t for t in (bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base))
+        bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base = ck.absent_as_empty(
+            bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base)
         ck.tensor("values", values, (None, None, None, None))
         b, k, h, w = values.shape
         c = relu_base.shape[1] if relu_base.numel() else bn_weight.shape[0] if bn_mode else None
@@ -191,9 +194,8 @@ class Kernels:
                          c_out, bn_mode=0, bn_xhat=None, bn_inv_std=None, bn_weight=None, relu_base=None,
                          pool_k=0, pool_s=0, pool_base=None):
         ck = _Checker("conv_delta_chain", "x", x)
-        empty = x.new_empty(0)
-        bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base = (
-            empty if t is None else t for t in (bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base))
+        bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base = ck.absent_as_empty(
+            bn_xhat, bn_inv_std, bn_weight, relu_base, pool_base)
         ck.tensor("x", x, (None, None, None, None))
         b, c_in = x.shape[:2]
         for name, v in (("stride_h", stride_h), ("stride_w", stride_w), ("h_out", h_out), ("w_out", w_out),
@@ -224,8 +226,7 @@ class Kernels:
     def bn_act_dense(self, values, bn_mode, bn_weight=None, bn_bias=None, eps=1e-5, residual=None, relu=False,
                      pool_k=0, pool_s=0, global_avg=False):
         ck = _Checker("bn_act_dense", "values", values)
-        empty = values.new_empty(0)
-        bn_weight, bn_bias, residual = (empty if t is None else t for t in (bn_weight, bn_bias, residual))
+        bn_weight, bn_bias, residual = ck.absent_as_empty(bn_weight, bn_bias, residual)
         ck.tensor("values", values, (None, None, None, None, None))
         b, k, c, h, w = values.shape
         self._dense_checks(ck, b, c, h, w, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s,
@@ -237,8 +238,7 @@ class Kernels:
                       bn_mode=0, bn_weight=None, bn_bias=None, eps=1e-5, residual=None, relu=False,
                       pool_k=0, pool_s=0, global_avg=False):
         ck = _Checker("conv1ch_chain", "delta", delta)
-        empty = delta.new_empty(0)
-        bn_weight, bn_bias, residual = (empty if t is None else t for t in (bn_weight, bn_bias, residual))
+        bn_weight, bn_bias, residual = ck.absent_as_empty(bn_weight, bn_bias, residual)
         ck.tensor("delta", delta, (None, None, None, None))
         b, k, h, w = delta.shape
         ck.tensor("weight", weight, (None, None, None, None))

@@ -57,10 +57,6 @@ class _Chain:
     gap: Node | None = None
     nodes: list = field(default_factory=list)  # every node after the head, in order
 
-    @property
-    def last(self):
-        return self.nodes[-1] if self.nodes else None
-
 
 # ----------------------------------------------------------------------------- matching
 def _sole_user(node: Node):
@@ -137,8 +133,9 @@ def _match(ctx, head: Node, *, at_head: bool, allow_gap: bool) -> _Chain:
     if nxt is not None and _bn2d(ctx, nxt) is not None and nxt.args[0] is cur:
         ch.bn = nxt
         cur, nxt = step(nxt)
-    if nxt is not None and _unchanged_operand(ctx, nxt, cur) is not None:
-        ch.adds.append((nxt, _unchanged_operand(ctx, nxt, cur)))
+    other = _unchanged_operand(ctx, nxt, cur) if nxt is not None else None
+    if other is not None:
+        ch.adds.append((nxt, other))
         cur, nxt = step(nxt)
     if nxt is not None and _is_relu(ctx, nxt) and nxt.args[0] is cur:
         ch.relu = nxt
