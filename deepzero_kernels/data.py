@@ -6,7 +6,8 @@ Everything is a plain in-memory tensor; a batch iterator draws its order from an
 * :func:`digits` -- scikit-learn's handwritten digits (1797 images, 8x8, 10 classes), shipped
   with scikit-learn: no download. Fixed stratified train/test split, normalised.
 * :func:`cifar10` -- CIFAR-10 from a directory in the standard python pickle format
-  (``data_batch_1..5``, ``test_batch``). Images are kept as uint8 (150 MB instead of 600 MB of
+  (``data_batch_1..5``, ``test_batch``), read by an unpickler that admits only the types those
+  files hold (a crafted file cannot run code). Images are kept as uint8 (150 MB instead of 600 MB of
   float32) and converted, augmented and normalised per batch by :meth:`Dataset.prepare`.
 * :func:`synthetic` -- Gaussian class clusters of any shape (learnable, so smoke tests can see
   accuracy rise).
@@ -160,6 +161,31 @@ def _cifar_dir(data_dir: str) -> str:
     return data_dir
 
 
+class _UnsafePickle(pickle.UnpicklingError):
+    """A pickle names a global that a CIFAR-10 batch never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler for CIFAR-10 batch files that admits only what the real files hold: dicts,
+    lists, strings/bytes, ints and NumPy arrays. ``pickle.load`` would call any importable
+    function a crafted file names (``os.system``, ``builtins.exec``, ...); here every global
+    outside the few NumPy array constructors is refused before anything is called."""
+
+    def find_class(self, module, name):
+        try:  # NumPy >= 2 keeps the implementation in numpy._core; old files name numpy.core
+            from numpy._core import multiarray, numeric
+        except ImportError:  # pragma: no cover - NumPy 1.x
+            from numpy.core import multiarray, numeric
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+        for pkg in ("numpy.core", "numpy._core"):
+            allowed[(f"{pkg}.multiarray", "_reconstruct")] = multiarray._reconstruct  # arrays
+            allowed[(f"{pkg}.multiarray", "scalar")] = multiarray.scalar              # NumPy scalars
+            allowed[(f"{pkg}.numeric", "_frombuffer")] = numeric._frombuffer          # arrays, protocol 5
+        if (module, name) not in allowed:
+            raise _UnsafePickle(f"{module}.{name}")
+        return allowed[(module, name)]
+
+
 def _read_cifar_batch(path: str, expect_n: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -168,7 +194,12 @@ def _read_cifar_batch(path: str, expect_n: Optional[int] = None) -> Tuple[np.nda
             f"'cifar-10-batches-py' directory (or its parent) as --data-dir.")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except _UnsafePickle as e:
+        raise DatasetError(f"CIFAR-10 file {path!r} refers to {e}, which a CIFAR-10 batch never holds "
+                           f"(only dicts, lists, strings, ints and NumPy arrays): refusing to load it, "
+                           f"since unpickling it could run code. Re-download the dataset from "
+                           f"{CIFAR10_URL}") from None
     except Exception as e:  # truncated pickle, wrong file, ... all mean the same to the user
         raise DatasetError(f"CIFAR-10 file {path!r} is corrupt or not a CIFAR-10 python batch "
                            f"({type(e).__name__}: {e}); re-download it from {CIFAR10_URL}") from e

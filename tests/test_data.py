@@ -1,7 +1,9 @@
 """Dataset loaders: digits, CIFAR-10 python format (small files written here), synthetic,
 augmentation and the batch iterator."""
+import io
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -81,6 +83,69 @@ def test_cifar10_wrong_contents(tmp_path):
 def test_cifar10_expect_full_counts(tmp_path):
     with pytest.raises(D.DatasetError, match="expected 10000"):
         D.cifar10(write_cifar(str(tmp_path)), expect_full=True)
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 with bytes written as Python 2 ``str`` opcodes, as the cPickle that wrote the
+    official CIFAR-10 files did (Python 3 would route bytes through ``_codecs.encode``)."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+    dispatch[bytes] = _save_py2_str
+
+
+def test_cifar10_loads_python2_format_batches(tmp_path):
+    """The official files: protocol 2, bytes keys, arrays rebuilt by numpy.core.multiarray."""
+    root = write_cifar(str(tmp_path))
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump({b"batch_label": b"training batch 1 of 5", b"labels": [3, 1, 9],
+                                       b"data": data, b"filenames": [b"a.png", b"b.png", b"c.png"]})
+    raw = buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # NumPy 1.x name
+    assert b"cnumpy.core.multiarray\n_reconstruct" in raw
+    (tmp_path / "data_batch_1").write_bytes(raw)
+    ds = D.cifar10(root)
+    assert torch.equal(ds.x_train[:3], torch.from_numpy(data).reshape(3, 3, 32, 32))
+    assert ds.y_train[:3].tolist() == [3, 1, 9]
+    # Protocol 5 (Python 3.14's default) with a NumPy scalar label list also loads.
+    with open(tmp_path / "data_batch_2", "wb") as f:
+        pickle.dump({"data": data, "labels": [np.int64(v) for v in (0, 5, 7)]}, f, protocol=5)
+    assert D.cifar10(root).y_train[3:6].tolist() == [0, 5, 7]
+
+
+class _Payload:
+    def __init__(self, call, arg):
+        self.call, self.arg = call, arg
+
+    def __reduce__(self):
+        return self.call, (self.arg,)
+
+
+@pytest.mark.parametrize("how", ["os.system", "builtins.exec", "nested"])
+def test_cifar10_crafted_pickle_runs_no_code(tmp_path, how):
+    root = write_cifar(str(tmp_path))
+    marker = tmp_path / "pwned"
+    if how == "os.system":
+        payload = _Payload(os.system, f"touch {marker}")
+    else:
+        payload = _Payload(exec, f"open({str(marker)!r}, 'w').close()")
+    batch = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}
+    if how == "nested":  # hidden inside an otherwise valid batch
+        batch[b"filenames"] = [b"a.png", payload]
+    else:
+        batch = payload
+    with open(os.path.join(root, "data_batch_1"), "wb") as f:
+        pickle.dump(batch, f)
+    with pytest.raises(D.DatasetError) as e:
+        D.cifar10(root)
+    msg = str(e.value)
+    assert "data_batch_1" in msg and "refusing" in msg
+    assert ("system" in msg) if how == "os.system" else ("builtins.exec" in msg)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------- augmentation
