@@ -6,6 +6,7 @@ Estimation never changes parameters or buffers (BatchNorm running statistics inc
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -13,13 +14,15 @@ import torch.nn as nn
 
 from .engine import (DeltaEngine, check_losses, check_no_dropout, per_sample_cross_entropy, query_loss,
                      repeat_targets)
-from .ops import check_mu, resolve_backend
+from .ops import check_count, check_mu, resolve_backend
 
 __all__ = ["CGE", "RGE", "assign_grads", "check_batch", "check_masks"]
 
 
-def check_batch(model: nn.Module, x, y) -> None:
-    """``x``/``y`` must be tensors with one batch size, on the model's device and dtype."""
+def check_batch(model: nn.Module, x, y, loss_fn=None) -> None:
+    """``x``/``y`` must be tensors with one batch size, on the model's device and dtype. With the
+    default loss (``loss_fn=None``, cross-entropy), ``y`` must be int64 class indices ``(B,)``;
+    a user's loss decides what its targets are."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(y, torch.Tensor):
@@ -38,8 +41,62 @@ def check_batch(model: nn.Module, x, y) -> None:
             raise ValueError(f"y is on {y.device} but the model's parameters are on {p.device}")
         if x.is_floating_point() and x.dtype != p.dtype:
             raise TypeError(f"x has dtype {x.dtype} but the model's parameters have dtype {p.dtype}")
+        if (not x.is_floating_point() and not x.is_complex() and p.is_floating_point()
+                and not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules())):
+            raise TypeError(f"x has integer dtype {x.dtype} but the model's parameters are {p.dtype}: "
+                            f"convert the inputs, e.g. x.to({p.dtype})")
     if x.is_floating_point() and not torch.isfinite(x).all():
         raise ValueError("x contains non-finite values (nan or inf)")
+    if loss_fn is None:
+        if y.dtype != torch.int64:
+            raise TypeError(f"y must hold int64 class indices for the default cross-entropy loss, got dtype "
+                            f"{y.dtype}" + (" (convert with y.long())" if not y.is_floating_point() else
+                                            "; pass a loss_fn for soft or real-valued targets"))
+        if y.dim() != 1:
+            raise ValueError(f"y must be 1-D class indices (B,) for the default cross-entropy loss, got shape "
+                             f"{tuple(y.shape)}" + (" (use y.squeeze(1))" if y.dim() == 2 and y.shape[1] == 1 else ""))
+        if int(y.min()) < 0:
+            raise ValueError(f"y holds a negative class index ({int(y.min())}); class indices start at 0")
+
+
+# The input rank a model's first layer takes, when that layer fixes it.
+_INPUT_RANKS = ((nn.Conv1d, (3,)), (nn.Conv2d, (4,)), (nn.Conv3d, (5,)), (nn.ConvTranspose1d, (3,)),
+                (nn.ConvTranspose2d, (4,)), (nn.ConvTranspose3d, (5,)), (nn.BatchNorm1d, (2, 3)),
+                (nn.BatchNorm2d, (4,)), (nn.BatchNorm3d, (5,)))
+
+
+def _explain(model: nn.Module, x, y, loss_fn, err: Exception) -> Exception | None:
+    """A ``ValueError`` naming the argument behind an error the model's forward or the default
+    loss raised, or None: ``x`` whose rank does not fit the model's first layer (a 3-D batch
+    for a Conv2d model), or ``y`` with a class index past the model's outputs."""
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if loss_fn is None and isinstance(err, IndexError) and "out of bounds" in first:
+        return ValueError(f"y holds class index {int(y.max())}, past the model's outputs ({first})")
+    if not isinstance(err, (RuntimeError, ValueError)):
+        return None
+    for name, m in model.named_modules():
+        if next(m.children(), None) is not None or next(m.parameters(recurse=False), None) is None:
+            continue
+        ranks = next((r for t, r in _INPUT_RANKS if isinstance(m, t)), None)
+        if ranks is None or x.dim() in ranks:
+            return None
+        return ValueError(f"x has shape {tuple(x.shape)} ({x.dim()}-D) but the model's first layer {name!r} "
+                          f"({type(m).__name__}) takes {' or '.join(map(str, ranks))}-D input with the batch "
+                          f"first; the forward failed with: {first}")
+    return None
+
+
+@contextlib.contextmanager
+def explained_errors(model: nn.Module, x, y, loss_fn):
+    """Re-raise a forward's or the default loss's error as a ``ValueError`` naming ``x`` or ``y``
+    where one of them is the cause (see :func:`_explain`); other errors pass unchanged."""
+    try:
+        yield
+    except (RuntimeError, IndexError, ValueError) as e:
+        why = _explain(model, x, y, loss_fn, e)
+        if why is None:
+            raise
+        raise why from e
 
 
 def check_masks(params: dict, masks) -> dict:
@@ -58,6 +115,8 @@ def check_masks(params: dict, masks) -> dict:
         if m.shape != params[name].shape:
             raise ValueError(f"masks[{name!r}] has shape {tuple(m.shape)} but the parameter has shape "
                              f"{tuple(params[name].shape)}")
+        if m.device != params[name].device:
+            raise ValueError(f"masks[{name!r}] is on {m.device} but the parameter is on {params[name].device}")
     return masks
 
 
@@ -151,8 +210,9 @@ class CGE(_Estimator):
             ``{name: tensor}`` for every parameter with ``requires_grad``, shaped like it.
         """
         params = self.trainable()
-        check_batch(self.model, x, y)
+        check_batch(self.model, x, y, self.loss_fn)
         masks = check_masks(params, masks)
+        check_mu(self.mu, params)  # every trainable parameter: the same verdict on every rank
         coords = {}
         for name, p in params.items():
             m = masks.get(name)
@@ -161,7 +221,8 @@ class CGE(_Estimator):
         t0 = time.perf_counter()
         calls0, samples0 = self.engine.num_loss_calls, self.engine.num_loss_samples
         try:
-            out, base_loss, diffs = self.engine.run(x, y, coords, self.mu, on_chunk=on_chunk)
+            with explained_errors(self.model, x, y, self.loss_fn):
+                out, base_loss, diffs = self.engine.run(x, y, coords, self.mu, on_chunk=on_chunk)
         finally:
             self._count_queries(self.engine.num_loss_calls - calls0, self.engine.num_loss_samples - samples0)
         self.last_seconds = time.perf_counter() - t0
@@ -188,10 +249,8 @@ class RGE(_Estimator):
 
     def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, backend="auto", chunk_size=None):
         super().__init__(model, loss_fn, mu, backend)
-        if isinstance(q, bool) or not isinstance(q, int) or q < 1:
-            raise ValueError(f"q must be a positive int, got {q!r}")
-        self.q = q
-        self.chunk_size = chunk_size
+        self.q = check_count("q", q)
+        self.chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size)
 
     def directions(self, names, generator=None) -> torch.Tensor:
         """``(q, d)`` unit-norm Gaussian directions over the parameters ``names`` (concatenated)."""
@@ -208,11 +267,12 @@ class RGE(_Estimator):
         parameter. ``generator`` seeds the directions; ``names`` restricts the perturbed
         parameters (others get 0); ``directions`` supplies the ``(q, d)`` directions directly."""
         params = self.trainable()
-        check_batch(self.model, x, y)
+        check_batch(self.model, x, y, self.loss_fn)
         names = list(params) if names is None else list(names)
         unknown = [n for n in names if n not in params]
         if unknown:
             raise ValueError(f"unknown or frozen parameters: {unknown}")
+        check_mu(self.mu, {n: params[n] for n in names})
         if not names:
             return {n: torch.zeros_like(p) for n, p in params.items()}
         u = self.directions(names, generator) if directions is None else directions
@@ -225,8 +285,9 @@ class RGE(_Estimator):
             return query_loss(self.loss_fn, outputs, targets)
 
         try:
-            diffs, out, base_loss = batched_losses(self.model, tail, x, y, names, self.mu * u,
-                                                   chunk_size=self.chunk_size)
+            with explained_errors(self.model, x, y, self.loss_fn):
+                diffs, out, base_loss = batched_losses(self.model, tail, x, y, names, self.mu * u,
+                                                       chunk_size=self.chunk_size)
         finally:
             self._count_queries(*calls)
         self.last_seconds = time.perf_counter() - t0

@@ -65,14 +65,41 @@ def resolve_backend(backend: str, device: torch.device | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- validation
-def check_mu(mu) -> float:
-    """``mu`` must be a finite positive real number."""
+def check_mu(mu, values: dict | None = None) -> float:
+    """``mu`` must be a finite positive real number.
+
+    With ``values`` (``{name: tensor}`` of the parameter values that ``mu`` will be added to),
+    ``mu`` must also survive the addition: ``fl(theta + mu) - theta`` is off from ``mu`` by up to
+    ``eps * |theta| / 2`` in the tensor's dtype, so ``mu >= 100 * eps * max|theta|`` keeps the
+    step within 0.5 % of ``mu`` for every value (and ``mu`` at least the dtype's smallest normal
+    number). A smaller ``mu`` would silently estimate with a different step than it divides by
+    (``1e-30`` on float32 weights near 1 is no step at all).
+    """
     if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
         raise TypeError(f"mu must be a real number, got {type(mu).__name__}")
     mu = float(mu)
     if not math.isfinite(mu) or mu <= 0:
         raise ValueError(f"mu must be finite and > 0, got {mu}")
+    named = [(n, v.detach()) for n, v in (values or {}).items()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    if named:
+        dev = named[0][1].device
+        peaks = torch.stack([v.abs().amax().to(device=dev, dtype=torch.float64) for _, v in named]).tolist()
+        for (name, v), peak in zip(named, peaks):
+            fi = torch.finfo(v.dtype)
+            need = max(100 * fi.eps * peak, fi.tiny)
+            if math.isfinite(peak) and mu < need:
+                raise ValueError(f"mu={mu:g} is too small for {name} ({v.dtype}, largest |value| {peak:.3g}): "
+                                 f"value + mu rounds to a step more than 0.5% away from mu. Use mu >= {need:.3g} "
+                                 f"(100 x the dtype's epsilon {fi.eps:.3g} x the largest |value|)")
     return mu
+
+
+def check_count(name: str, v) -> int:
+    """``v`` must be a positive int (a count such as ``q`` or ``chunk_size``)."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None) -> torch.Tensor:
@@ -292,8 +319,15 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"stride and dilation must be >= 1, got {stride}, {dilation}")
     pad = conv_padding(padding, weight.shape[2:], dilation)
+    span = [d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[2:])]
+    padded = [x.shape[2] + pad[2] + pad[3], x.shape[3] + pad[0] + pad[1]]
+    if span[0] > padded[0] or span[1] > padded[1]:
+        raise ValueError(f"weight's {weight.shape[2]}x{weight.shape[3]} kernel (dilation {dilation}) spans "
+                         f"{span[0]}x{span[1]} pixels, more than x's {padded[0]}x{padded[1]} padded input "
+                         f"(x is {x.shape[2]}x{x.shape[3]}, padding={padding!r})")
     target = weight if param == "weight" else bias
     idx = check_index(idx, target.numel(), x.device)
+    check_mu(mu, {param: target.detach().reshape(-1)[idx]})
     x = x.contiguous()
     base = F.conv2d(F.pad(x, pad) if any(pad) else x, weight, bias, stride, 0, dilation, groups)
     k = idx.numel()
@@ -336,6 +370,7 @@ def linear_perturbed(x, weight, bias, idx, mu, *, param="weight", backend="auto"
     resolve_backend(backend, x.device)
     target = weight if param == "weight" else bias
     idx = check_index(idx, target.numel(), x.device)
+    check_mu(mu, {param: target.detach().reshape(-1)[idx]})
     base = F.linear(x, weight, bias)
     k = idx.numel()
     out = base.unsqueeze(0).repeat(k, 1, 1)

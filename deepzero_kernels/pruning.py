@@ -66,7 +66,7 @@ def zo_grasp_scores(model, x, y, *, q=192, mu=5e-3, loss_fn=None, generator=None
         ``{weight name: score tensor}`` shaped like each weight.
     """
     check_mu(mu)
-    check_batch(model, x, y)
+    check_batch(model, x, y, loss_fn)
     names = prunable_weights(model)
     if not names:
         raise ValueError("the model has no trainable conv or linear weights to score")
