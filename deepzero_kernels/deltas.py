@@ -26,6 +26,7 @@ cannot be vmapped), which is exact, only slower.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass
@@ -162,8 +163,23 @@ def is_inplace(node: Node, module=None) -> bool:
     if node.op == "call_method":
         return node.target.endswith("_") and not node.target.endswith("__")
     if node.op == "call_function":
-        return node.target in _INPLACE_FUNCS or bool(node.kwargs.get("inplace", False))
+        name = getattr(node.target, "__name__", "")
+        if node.target in _INPLACE_FUNCS or (name.endswith("_") and not name.endswith("__")):
+            return True
+        if "inplace" in node.kwargs:
+            return bool(node.kwargs["inplace"])
+        pos = _inplace_position(node.target)
+        return pos is not None and len(node.args) > pos and node.args[pos] is True
     return False
+
+
+def _inplace_position(fn):
+    """Position of an ``inplace`` parameter of ``fn`` (``F.relu(x, True)``), or None."""
+    try:
+        names = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def uses_batch_stats(bn) -> bool:
@@ -605,32 +621,40 @@ class Rules:
         return DenseDelta(rep.values * scale.reshape((-1,) + (1,) * (xb.dim() - 2)))
 
     # -- fallback
-    def fallback(self, node):
-        """Evaluate the node on each perturbation's inputs: vmap over K, else a plain loop."""
+    def fallback(self, node, override=None):
+        """Evaluate the node on each perturbation's inputs: vmap over K, else a plain loop.
+        ``override = (path, values (K, *shape))`` also replaces a parameter of the node's module
+        per perturbation (see the engine's ``call``). ``None`` outputs stay ``None``."""
         ctx = self.ctx
         ctx.engine.fallback_counts[f"{node.op}:{getattr(node.target, '__name__', node.target)}"] += 1
         changed = [a for a in node.all_input_nodes if ctx.rep(a) is not None]
         perturbed = [ctx.perturbed_value(a) for a in changed]
         in_dims = [_kdims(ctx.base(a)) for a in changed]
+        if override is not None:
+            perturbed.append(override[1])
+            in_dims.append(0)
         yb = ctx.base(node)
-        out_dims = _kdims(yb)
+        multi = isinstance(yb, (tuple, list))
+        outs_base = list(yb) if multi else [yb]
+        keep = [i for i, o in enumerate(outs_base) if isinstance(o, torch.Tensor)]
+        out_dims = tuple(kdim(outs_base[i]) for i in keep)
 
         def run(*vals):
             env = dict(zip(changed, vals))
-            return ctx.call(node, lambda a: env[a] if a in env else ctx.base(a))
+            w = (override[0], vals[-1]) if override is not None else None
+            out = ctx.call(node, lambda a: env[a] if a in env else ctx.base(a), w)
+            out = list(out) if multi else [out]
+            return tuple(out[i] for i in keep)
 
         try:
-            out = torch.func.vmap(run, in_dims=tuple(in_dims), out_dims=out_dims, randomness="error")(*perturbed)
+            outs = torch.func.vmap(run, in_dims=tuple(in_dims), out_dims=out_dims, randomness="error")(*perturbed)
         except Exception:  # an op vmap cannot batch: evaluate perturbation by perturbation
-            k = ctx.k
-            outs = [run(*(_select(p, d, i) for p, d in zip(perturbed, in_dims))) for i in range(k)]
-            if isinstance(yb, torch.Tensor):
-                out = torch.stack(outs, kdim(yb))
-            else:
-                out = type(yb)(torch.stack([o[j] for o in outs], kdim(yb[j])) for j in range(len(yb)))
-        if isinstance(yb, torch.Tensor):
-            return DenseValue(out)
-        return type(yb)(DenseValue(o) for o in out)
+            per_k = [run(*(_select(p, d, i) for p, d in zip(perturbed, in_dims))) for i in range(ctx.k)]
+            outs = tuple(torch.stack([o[j] for o in per_k], d) for j, d in enumerate(out_dims))
+        reps = [None] * len(outs_base)
+        for i, o in zip(keep, outs):
+            reps[i] = DenseValue(o)
+        return type(yb)(reps) if multi else reps[0]
 
 
 def _has_tensor(v) -> bool:
@@ -642,13 +666,13 @@ def _has_tensor(v) -> bool:
 def _kdims(base):
     if isinstance(base, (tuple, list)):
         return type(base)(_kdims(b) for b in base)
-    return kdim(base)
+    return kdim(base) if isinstance(base, torch.Tensor) else None
 
 
 def _select(value, dims, i):
     if isinstance(value, (tuple, list)):
         return type(value)(_select(v, d, i) for v, d in zip(value, dims))
-    return value.select(dims, i)
+    return value if dims is None else value.select(dims, i)
 
 
 def _operand(v):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
+from .engine import param_sources, preserved_buffers
 from .estimators import CGE, assign_grads, check_masks
 
 __all__ = ["DistributedCGE", "partition", "init_from_env", "flop_costs"]
@@ -100,14 +101,8 @@ def flop_costs(model: nn.Module, x: torch.Tensor):
                 shapes[n] = tuple(out.shape)
             return out
 
-    saved = [b.clone() for b in model.buffers()]
-    try:
-        with torch.no_grad():
-            Shapes(gm).run(x)
-    finally:  # a train-mode BatchNorm updated its running stats
-        with torch.no_grad():
-            for b, v in zip(model.buffers(), saved):
-                b.copy_(v)
+    with preserved_buffers(model), torch.no_grad():  # a train-mode BatchNorm updates its running stats
+        Shapes(gm).run(x)
     mods = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     numel = lambda n: float(torch.Size(shapes[n]).numel()) if n in shapes else 0.0  # noqa: E731
@@ -120,15 +115,14 @@ def flop_costs(model: nn.Module, x: torch.Tensor):
         return numel(n), False
 
     costs = {}
+    sources = param_sources(gm.graph, gm, mods)  # by tensor identity, as the engine finds them
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        mod, _, _ = name.rpartition(".")
         frac = {}  # affected node -> fraction of its output that the delta touches
-        for n in nodes:
-            if (n.op == "call_module" and n.target == mod) or (n.op == "get_attr" and n.target == name):
-                shp = shapes.get(n, ())
-                frac[n] = 1.0 / shp[1] if n.op == "call_module" and len(shp) >= 2 else 1.0
+        for n, _ in sources.get(id(p), []):
+            shp = shapes.get(n, ())
+            frac[n] = 1.0 / shp[1] if n.op == "call_module" and len(shp) >= 2 else 1.0
         cost = sum(numel(n) * f for n, f in frac.items() if n.op == "call_module")
         for n in nodes:
             if n in frac:

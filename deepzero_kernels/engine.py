@@ -11,7 +11,11 @@ perturb-forward-restore loop where even that cannot run.
 from __future__ import annotations
 
 import collections
+import contextlib
+import operator
+import threading
 import warnings
+import weakref
 
 import torch
 import torch.fx as fx
@@ -98,6 +102,153 @@ def _map(v, fn):
     return fx.node.map_arg(v, fn)
 
 
+# ----------------------------------------------------------------------------- guards
+_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_locks_guard = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """One re-entrant lock per model: estimates of one model (by any estimator, from any thread)
+    run one at a time, because each snapshots and restores the model's buffers."""
+    with _locks_guard:
+        lock = _locks.get(model)
+        if lock is None:
+            lock = _locks[model] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module):
+    """Restore every buffer (BatchNorm running statistics, counters) on exit: a train-mode
+    forward updates them, an estimate must not."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _rng_states(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def forbid_randomness(device: torch.device, what: str = "the model's forward"):
+    """Raise ``ValueError`` when the body draws from torch's default random generators (dropout,
+    stochastic depth, ``torch.rand``, ...): base and perturbed evaluations would see different
+    random numbers and the finite differences would be noise. The generator state is put back."""
+    before = _rng_states(device)
+    yield
+    after = _rng_states(device)
+    if not torch.equal(before[0], after[0]) or (before[1] is not None and not torch.equal(before[1], after[1])):
+        torch.set_rng_state(before[0])
+        if before[1] is not None:
+            torch.cuda.set_rng_state(before[1], device)
+        raise ValueError(f"{what} draws random numbers (dropout, stochastic depth, torch.rand, ...): "
+                         "zeroth-order estimates need a deterministic forward. Put the random layers "
+                         "in eval mode (model.eval() or module.eval()) or remove the randomness.")
+
+
+def structure_signature(model: nn.Module) -> tuple:
+    """What a trace depends on, cheap to recompute on every call: module and parameter identities,
+    shapes, dtypes and devices, train/eval flags, plain attributes (which Python control flow
+    may read) and hooks. Any change means the model must be traced again."""
+    mods = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        plain = tuple((k, v) for k, v in m.__dict__.items() if isinstance(v, (bool, int, float, str, type(None))))
+        hooks = (len(m._forward_hooks), len(m._forward_pre_hooks))
+        mods.append((name, id(m), type(m), plain, hooks, id(m.__dict__.get("forward"))))
+    params = tuple((n, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
+                   for n, p in model.named_parameters(remove_duplicate=False))
+    bufs = tuple((n, id(b), tuple(b.shape), b.dtype) for n, b in model.named_buffers(remove_duplicate=False))
+    return tuple(mods), params, bufs
+
+
+# Ops whose result may share memory with their input: an in-place op on such a result also
+# writes into the input, which the engine's graph rewrite cannot follow.
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t",
+                 "expand", "expand_as", "squeeze", "unsqueeze", "narrow", "select", "chunk", "split", "unbind",
+                 "detach", "contiguous", "to", "type", "type_as", "float", "double", "half", "movedim", "T", "mT"}
+_VIEW_FUNCS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+               torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind, operator.getitem, torch.t,
+               torch.detach, torch.movedim}
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _may_alias(node: Node, modules: dict) -> bool:
+    if node.op == "placeholder" or node.op == "get_attr":
+        return True  # the caller's input, or a parameter/buffer
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCS
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _VIEW_MODULES)
+    return False
+
+
+def functionalize(graph: fx.Graph, modules: dict) -> bool:
+    """Rewrite in-place ops so that the graph reads like an out-of-place program: after
+    ``n = y.relu_()``, every later reader of ``y`` reads ``n`` (the engine evaluates ``n`` on a
+    private copy, so the base value of ``y`` stays what earlier readers saw). Returns False when
+    a mutation cannot be followed (an in-place op on a view or on the model's input,
+    ``y[i] = v``, ``out=``): the caller must not use the graph."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is operator.setitem:
+            return False
+        if "out" in n.kwargs:
+            return False
+        if not is_inplace(n, modules.get(n.target) if n.op == "call_module" else None):
+            continue
+        if not n.args or not isinstance(n.args[0], Node):
+            return False
+        y = n.args[0]
+        if _may_alias(y, modules):
+            return False
+        for user in list(y.users):
+            if user is not n and order[user] > order[n]:
+                user.replace_input_with(y, n)
+    graph.lint()
+    return True
+
+
+class _Selected(nn.Module):
+    """``output_fn(model(x))`` as one module, so that the trace ends at the loss's input."""
+
+    def __init__(self, model: nn.Module, output_fn):
+        super().__init__()
+        self.model = model
+        self.output_fn = output_fn
+
+    def forward(self, x):
+        return self.output_fn(self.model(x))
+
+
+def param_sources(graph: fx.Graph, root: nn.Module, modules: dict) -> dict:
+    """``{id(tensor): [(node, path), ...]}``: every graph node where a parameter enters, found
+    by tensor identity (tied weights, a module applied twice). ``path`` is the parameter's name
+    inside the called leaf module (``"weight"``, ``"out_proj.weight"``), or None for a
+    ``get_attr`` of the tensor itself."""
+    out: dict = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            for path, t in modules[n.target].named_parameters(remove_duplicate=False):
+                entry = out.setdefault(id(t), [])
+                if not any(s is n for s, _ in entry):
+                    entry.append((n, path))
+        elif n.op == "get_attr":
+            obj = root
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.Tensor):
+                out.setdefault(id(obj), []).append((n, None))
+    return out
+
+
 class _Pass:
     """State of one batch: base values of every node and the delta of the chunk in flight."""
 
@@ -111,6 +262,7 @@ class _Pass:
         self.kernels = None   # a kernels.Kernels of the triton/native backend, or None (torch rules)
         self.targets = None
         self.affected = set()  # nodes downstream of the parameter being estimated
+        self.sources = set()   # nodes where that parameter enters: no fused chain may swallow one
 
     def fused(self, node):
         """A fused kernel chain starting at ``node``, or NotImplemented (then the per-node rules run)."""
@@ -144,18 +296,27 @@ class _Pass:
     def perturbed_value(self, n):
         rep, base = self.rep(n), self._base[n]
         if isinstance(rep, (tuple, list)):
-            return type(rep)(b if r is None else to_values(r, b) for r, b in zip(rep, base))
+            return type(rep)(b if r is None or b is None else to_values(r, b) for r, b in zip(rep, base))
         return to_values(rep, base)
 
-    def call(self, node, getter):
-        return self.engine.call(node, getter)
+    def call(self, node, getter, override=None):
+        return self.engine.call(node, getter, override)
+
+
+class _Trace:
+    """One traced structure of the model: the graph (with in-place ops rewritten) and whether
+    it may be used; ``None`` graph means the model could not be traced."""
+
+    def __init__(self, graph: fx.Graph | None, why: str = ""):
+        self.graph = graph
+        self.why = why
 
 
 class DeltaEngine:
     """Evaluates ``loss_b(theta + mu e_i) - loss_b(theta)`` for chunks of coordinates ``i``.
 
     Args:
-        model: any ``nn.Module`` whose forward maps a batch to one output tensor.
+        model: any ``nn.Module``.
         loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-sample losses; ``None`` means
             per-sample cross-entropy, whose change at the logits is taken in closed form.
         memory_budget: bytes for one chunk (default :func:`default_memory_budget`).
@@ -163,52 +324,82 @@ class DeltaEngine:
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: who runs the fused chains
             (:mod:`deepzero_kernels.kernels.chains`); the torch backend runs the per-node rules.
             Resolved for the input's device at every call.
+        output_fn: for a model whose forward returns a tuple, dict or other structure, selects
+            the tensor the loss takes (``lambda out: out[0]``, ``lambda out: out["logits"]``).
+        strategy: ``"delta"`` (trace the model and propagate deltas; falls back to the
+            functional evaluation when that cannot be exact) or ``"functional"`` (always batched
+            functional calls of the whole model: the slow, simple reference).
+
+    Exactness guards, on every call: the model's structure is compared with the traced one
+    (re-trace on any change); the engine's base output must equal an eager ``model(x)``
+    bitwise, else the functional path runs; any draw from torch's random generators in the
+    forward is a ``ValueError``; parameters are found by tensor identity.
     """
 
     def __init__(self, model: nn.Module, loss_fn=None, *, memory_budget: int | None = None,
-                 chunk_size: int | None = None, backend: str = "auto"):
+                 chunk_size: int | None = None, backend: str = "auto", output_fn=None, strategy: str = "delta"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
         if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                           or memory_budget <= 0):
             raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if strategy not in ("delta", "functional"):
+            raise ValueError(f"strategy must be 'delta' or 'functional', got {strategy!r}")
         self.model = model
         self.loss_fn = loss_fn
+        self.output_fn = output_fn
         self.backend = backend
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
-        self._traces: dict = {}
-        self.modules = dict(model.named_modules())
-        self.params = dict(model.named_parameters())
+        self.strategy = strategy
+        self.root = _Selected(model, output_fn) if output_fn is not None else model
+        self._traces: dict = {}  # structure signature -> _Trace (a few: train and eval)
+        self._warned: set = set()
+        self.modules: dict = {}
         self.num_loss_calls = 0
         self.num_loss_samples = 0  # samples passed to the loss over all calls
         # Nodes evaluated by the dense per-perturbation fallback (no delta rule): for profiling.
         self.fallback_counts = collections.Counter()
+        # Why the last call did not use the delta path ('' when it did): for users and tests.
+        self.last_fallback_reason = ""
+
+    def _warn_once(self, key, msg):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"deepzero_kernels: {msg}", stacklevel=4)
 
     # ------------------------------------------------------------------ tracing
-    def _trace(self):
-        """The fx graph for the model's current train/eval modes (traces bake in ``training``)."""
-        key = tuple(m.training for m in self.model.modules())
-        if key not in self._traces:
+    def _trace(self) -> _Trace:
+        """The trace of the model's current structure (re-traced whenever it changed)."""
+        sig = structure_signature(self.root)
+        tr = self._traces.get(sig)
+        if tr is None:
+            if len(self._traces) >= 4:
+                self._traces.clear()
             try:
-                gm = fx.symbolic_trace(self.model)
-                self._traces[key] = gm.graph
+                graph = fx.symbolic_trace(self.root).graph
             except Exception as e:  # data-dependent control flow and the like
-                warnings.warn(f"deepzero_kernels: could not trace {type(self.model).__name__} with torch.fx "
-                              f"({type(e).__name__}: {e}); using the slower batched functional evaluation.",
-                              stacklevel=3)
-                self._traces[key] = None
-        return self._traces[key]
+                tr = _Trace(None, f"torch.fx could not trace {type(self.model).__name__} ({type(e).__name__}: {e})")
+            else:
+                if functionalize(graph, dict(self.root.named_modules())):
+                    tr = _Trace(graph)
+                else:
+                    tr = _Trace(None, "the forward writes in place into a view, its input or by index")
+            self._traces[sig] = tr
+        return tr
 
     # ------------------------------------------------------------------ evaluation of one node
-    def call(self, node: Node, getter):
+    def call(self, node: Node, getter, override=None):
         """Evaluate ``node`` with its inputs from ``getter``; in-place ops get a private copy of
-        their input so cached base values are never overwritten."""
+        their input so cached base values are never overwritten. ``override = (path, tensor)``
+        replaces the parameter ``path`` of the node's module (or the ``get_attr`` value)."""
         args = _map(node.args, getter)
         kwargs = _map(node.kwargs, getter)
         mod = self.modules.get(node.target) if node.op == "call_module" else None
@@ -217,14 +408,22 @@ class DeltaEngine:
         if node.op == "call_module":
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(mod):
                 # Batch statistics without touching the running buffers.
-                return F.batch_norm(args[0], None, None, mod.weight, mod.bias, True, 0.0, mod.eps)
+                w, b = mod.weight, mod.bias
+                if override is not None:
+                    w = override[1] if override[0] == "weight" else w
+                    b = override[1] if override[0] == "bias" else b
+                return F.batch_norm(args[0], None, None, w, b, True, 0.0, mod.eps)
+            if override is not None:
+                return torch.func.functional_call(mod, {override[0]: override[1]}, args, kwargs)
             return mod(*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
         if node.op == "get_attr":
-            obj = self.model
+            if override is not None:
+                return override[1]
+            obj = self.root
             for part in node.target.split("."):
                 obj = getattr(obj, part)
             return obj
@@ -245,20 +444,9 @@ class DeltaEngine:
         return base
 
     # ------------------------------------------------------------------ perturbation sources
-    def _sources(self, graph: fx.Graph, name: str):
-        """Graph nodes where parameter ``name`` enters: the call of the module that owns it, or
-        a ``get_attr`` of the parameter itself."""
-        mod_name, _, pname = name.rpartition(".")
-        out = []
-        for n in graph.nodes:
-            if n.op == "call_module" and n.target == mod_name:
-                out.append((n, pname))
-            elif n.op == "get_attr" and n.target == name:
-                out.append((n, None))
-        return out
-
-    def _source_delta(self, p: _Pass, node: Node, pname: str | None, name: str, idx: torch.Tensor, mu: float):
-        param = self.params[name]
+    def _source_delta(self, p: _Pass, node: Node, path: str | None, param: torch.Tensor, idx: torch.Tensor,
+                      mu: float):
+        """The representation of ``node``'s output when ``param[idx[k]] += mu``."""
         k = idx.numel()
         if node.op == "get_attr":
             vals = param.new_zeros((k, param.numel()))
@@ -266,54 +454,46 @@ class DeltaEngine:
             return DenseDelta(vals.reshape((k,) + tuple(param.shape)).movedim(0, kdim(param)))
         mod = self.modules[node.target]
         x = node.args[0] if node.args else None
-        xb = p.base(x) if isinstance(x, Node) else None
-        yb = p.base(node)
-        only_input = isinstance(x, Node) and len(node.all_input_nodes) == 1 and not node.kwargs
-        if only_input and p.kernels is not None:
-            fused = chains.fused_source(p, node, mod, pname, param, idx, mu)
-            if fused is not None:
-                return fused
-        if only_input and isinstance(mod, nn.Conv2d) and xb.dim() == 4:
-            if pname == "weight":
-                pad = ops.conv_padding(mod.padding, mod.kernel_size, mod.dilation)
-                ch, vals = ops.conv2d_weight_delta(xb, param.shape, idx, mu, stride=mod.stride, pad=pad,
-                                                   dilation=mod.dilation, groups=mod.groups,
-                                                   padding_mode=mod.padding_mode)
-                return ChannelDelta(ch, vals, tuple(yb.shape[1:]))
-            return ChannelDelta(idx, yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu), tuple(yb.shape[1:]))
-        if only_input and isinstance(mod, nn.Linear) and xb.dim() == 2:
-            if pname == "weight":
-                i, vals = ops.linear_weight_delta(xb, param.shape, idx, mu)
-                return ChannelDelta(i, vals, tuple(yb.shape[1:]))
-            return ChannelDelta(idx, yb.new_full((yb.shape[0], k), mu), tuple(yb.shape[1:]))
-        if only_input and isinstance(mod, nn.modules.batchnorm._BatchNorm):
-            if pname == "bias":
-                vals = yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu)
-                return ChannelDelta(idx, vals, tuple(yb.shape[1:]))
-            if uses_batch_stats(mod):
-                x_hat, inv_std = p.bn_stats(node, x)
-                x_norm = x_hat * inv_std.reshape((1, -1) + (1,) * (xb.dim() - 2))
-            else:
+        changed_input = any(p.rep(a) is not None for a in node.all_input_nodes)
+        only_input = (not changed_input and isinstance(x, Node) and len(node.all_input_nodes) == 1
+                      and not node.kwargs and path in ("weight", "bias"))
+        if only_input:
+            xb, yb = p.base(x), p.base(node)
+            if p.kernels is not None:
+                fused = chains.fused_source(p, node, mod, path, param, idx, mu)
+                if fused is not None:
+                    return fused
+            if isinstance(mod, nn.Conv2d) and xb.dim() == 4:
+                if path == "weight":
+                    pad = ops.conv_padding(mod.padding, mod.kernel_size, mod.dilation)
+                    ch, vals = ops.conv2d_weight_delta(xb, param.shape, idx, mu, stride=mod.stride, pad=pad,
+                                                       dilation=mod.dilation, groups=mod.groups,
+                                                       padding_mode=mod.padding_mode)
+                    return ChannelDelta(ch, vals, tuple(yb.shape[1:]))
+                return ChannelDelta(idx, yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu), tuple(yb.shape[1:]))
+            if isinstance(mod, nn.Linear) and xb.dim() == 2:
+                if path == "weight":
+                    i, vals = ops.linear_weight_delta(xb, param.shape, idx, mu)
+                    return ChannelDelta(i, vals, tuple(yb.shape[1:]))
+                return ChannelDelta(idx, yb.new_full((yb.shape[0], k), mu), tuple(yb.shape[1:]))
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and xb.dim() >= 2:
+                if path == "bias":
+                    vals = yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu)
+                    return ChannelDelta(idx, vals, tuple(yb.shape[1:]))
                 shape = (1, -1) + (1,) * (xb.dim() - 2)
-                x_norm = (xb - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var + mod.eps).reshape(shape)
-            rep = ChannelDelta(idx, None, tuple(yb.shape[1:]))
-            return ChannelDelta(idx, gather_channels(x_norm, rep) * mu, tuple(yb.shape[1:]))
-        # Any other module: evaluate it with K perturbed copies of the parameter.
+                if uses_batch_stats(mod):
+                    x_hat, inv_std = p.bn_stats(node, x)
+                    x_norm = x_hat * inv_std.reshape(shape)
+                else:
+                    x_norm = (xb - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var + mod.eps).reshape(shape)
+                rep = ChannelDelta(idx, None, tuple(yb.shape[1:]))
+                return ChannelDelta(idx, gather_channels(x_norm, rep) * mu, tuple(yb.shape[1:]))
+        # Anything else (another module, a parameter inside a leaf module, a use whose input
+        # the same perturbation already changed): evaluate the node once per perturbation with
+        # its perturbed inputs and a perturbed copy of the parameter.
         pert = param.detach().reshape(1, -1).repeat(k, 1)
         pert[torch.arange(k, device=pert.device), idx] += mu
-        pert = pert.reshape((k,) + tuple(param.shape))
-        args = _map(node.args, lambda n: p.base(n))
-        kwargs = _map(node.kwargs, lambda n: p.base(n))
-        params = {n_: t for n_, t in mod.named_parameters(recurse=False) if n_ != pname}
-
-        def run(w):
-            return torch.func.functional_call(mod, {**params, pname: w}, args, kwargs)
-
-        try:
-            out = torch.func.vmap(run, out_dims=kdim(yb), randomness="error")(pert)
-        except Exception:
-            out = torch.stack([run(w) for w in pert], kdim(yb))
-        return DenseValue(out)
+        return p.rules.fallback(node, override=(path, pert.reshape((k,) + tuple(param.shape))))
 
     # ------------------------------------------------------------------ chunk sizing
     def chunk_size_for(self, working_set: int, n: int, device) -> int:
@@ -355,50 +535,73 @@ class DeltaEngine:
         return query_loss(self.loss_fn, outputs, targets)
 
     # ------------------------------------------------------------------ main entry
+    def _eager_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``output_fn(model(x))`` as the user's code computes it: the reference the engine's base
+        pass must reproduce bitwise. Random draws are refused; buffers are restored."""
+        with preserved_buffers(self.model), forbid_randomness(x.device):
+            out = self.root(x)
+        if not isinstance(out, torch.Tensor):
+            hint = ("pass output_fn= to select the tensor the loss takes, e.g. output_fn=lambda out: out[0] "
+                    "or output_fn=lambda out: out['logits']") if self.output_fn is None else \
+                "output_fn must return a tensor"
+            raise TypeError(f"the model's output is a {type(out).__name__}, not a tensor: {hint}")
+        return out
+
     @torch.no_grad()
     def run(self, x: torch.Tensor, targets, coords: dict, mu: float, *, on_chunk=None):
         """Loss changes for every coordinate set in ``coords`` (name -> 1-D LongTensor of flat
         indices). Returns ``(base_output, base_losses (B,), {name: (K_name, B) float64})``.
         Parameters are processed from the last layer to the first; buffers are restored."""
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        try:
-            graph = self._trace()
-            if graph is not None:
-                check_no_dropout(self.model, graph)
-                return self._run_traced(graph, x, targets, coords, mu, on_chunk)
+        with model_lock(self.model), preserved_buffers(self.model):
             check_no_dropout(self.model)
-            return self._run_functional(x, targets, coords, mu, on_chunk)
-        finally:
-            for n, b in self.model.named_buffers():
-                b.copy_(buffers[n])
+            self.modules = dict(self.root.named_modules())
+            reference = self._eager_output(x)
+            why = "strategy='functional'"
+            if self.strategy == "delta":
+                tr = self._trace()
+                why = tr.why
+                if tr.graph is not None:
+                    check_no_dropout(self.model, tr.graph)
+                    base = self.base_pass(tr.graph, x)
+                    yb = base[next(n for n in tr.graph.nodes if n.op == "output")]
+                    if isinstance(yb, torch.Tensor) and yb.shape == reference.shape and torch.equal(yb, reference):
+                        self.last_fallback_reason = ""
+                        return self._run_traced(tr.graph, base, x, targets, coords, mu, on_chunk)
+                    why = "the traced forward does not reproduce model(x) bitwise"
+                self._warn_once(why, f"{why}; using the exact but slower batched functional evaluation.")
+            self.last_fallback_reason = why
+            return self._run_functional(reference, x, targets, coords, mu, on_chunk)
 
-    def _run_traced(self, graph, x, targets, coords, mu, on_chunk):
-        base = self.base_pass(graph, x)
+    def _run_traced(self, graph, base, x, targets, coords, mu, on_chunk):
         out_node = next(n for n in graph.nodes if n.op == "output")
         yb = base[out_node]
-        if not isinstance(yb, torch.Tensor):
-            raise TypeError(f"the model must return one tensor, got {type(yb).__name__}")
         p = _Pass(self, base)
         name = ops.resolve_backend(self.backend, x.device)
         p.kernels = None if name == "torch" else get_kernels(name)
         p.targets = targets
         p.base_loss = self.call_loss(yb, targets).double()
         order = {n: i for i, n in enumerate(graph.nodes)}
-        srcs = {name: self._sources(graph, name) for name in coords}
+        params = dict(self.model.named_parameters())
+        by_id = param_sources(graph, self.root, self.modules)
+        srcs = {nm: by_id.get(id(params[nm]), []) for nm in coords}
+        unplaced = [nm for nm in coords if not srcs[nm] and coords[nm].numel()]
         # Back to front: the layers nearest the loss are the cheapest and go first.
-        names = sorted(coords, key=lambda nm: -max((order[s] for s, _ in srcs[nm]), default=-1))
+        names = sorted((nm for nm in coords if nm not in unplaced),
+                       key=lambda nm: -max((order[s] for s, _ in srcs[nm]), default=-1))
         nodes = list(graph.nodes)
         result = {}
         for name in names:
             idx = coords[name]
-            if not srcs[name] or idx.numel() == 0:
-                result[name] = torch.zeros((idx.numel(), yb.shape[0]), dtype=torch.float64, device=yb.device)
+            if idx.numel() == 0:
+                result[name] = torch.zeros((0, yb.shape[0]), dtype=torch.float64, device=yb.device)
                 continue
-            start = min((s for s, _ in srcs[name]), key=order.get)
+            src_path = dict(srcs[name])
+            start = min(src_path, key=order.get)
             n = idx.numel()
+            p.sources = set(src_path)
             # Nodes the parameter can change: a fused chain may only add a tensor outside this set.
             p.affected = set()
-            todo = [s for s, _ in srcs[name]]
+            todo = list(src_path)
             while todo:
                 nd = todo.pop()
                 if nd not in p.affected:
@@ -419,13 +622,14 @@ class DeltaEngine:
                 p.k = ci.numel()
                 p.reps = {}
                 working_set = 0
-                for s, pname in srcs[name]:
-                    p.reps[s] = self._source_delta(p, s, pname, name, ci, mu)
                 for nd in nodes[order[start]:]:
                     if nd.op == "output":
                         break
                     if nd not in p.reps:
-                        r = p.rules.propagate(nd)
+                        # A source is evaluated in graph order, so that a second use of the
+                        # parameter sees the change the first use made to its input.
+                        r = (self._source_delta(p, nd, src_path[nd], params[name], ci, mu) if nd in src_path
+                             else p.rules.propagate(nd))
                         if r is not None:
                             p.reps[nd] = r
                     r = p.reps.get(nd)
@@ -440,17 +644,24 @@ class DeltaEngine:
                 if lo == p.k and self.chunk_size is None:
                     kmax = self.chunk_size_for(working_set, n, x.device)
             result[name] = torch.cat(chunks)
+        if unplaced:
+            # A parameter no graph node holds (used outside what fx recorded): never zero-fill it,
+            # evaluate it through the whole model.
+            self._warn_once(("unplaced",) + tuple(unplaced),
+                            f"parameters {unplaced} were not found in the traced graph; they are "
+                            "estimated with whole-model forwards (exact, slower).")
+            _, _, more = self._run_functional(yb, x, targets, {nm: coords[nm] for nm in unplaced}, mu, on_chunk,
+                                              base_loss=p.base_loss)
+            result.update(more)
         return yb, p.base_loss, result
 
     # ------------------------------------------------------------------ untraceable models
-    def _run_functional(self, x, targets, coords, mu, on_chunk):
-        model = self.model
-        yb = model(x)
-        if not isinstance(yb, torch.Tensor):
-            raise TypeError(f"the model must return one tensor, got {type(yb).__name__}")
-        base_loss = self.call_loss(yb, targets).double()
-        params = {n: t.detach() for n, t in model.named_parameters()}
-        buffers = {n: t.detach() for n, t in model.named_buffers()}
+    def _run_functional(self, yb, x, targets, coords, mu, on_chunk, base_loss=None):
+        """Whole-model forwards of perturbed copies of each parameter (vmap over a chunk, else
+        one at a time); the user's parameters are never written."""
+        if base_loss is None:
+            base_loss = self.call_loss(yb, targets).double()
+        params = {n: t.detach() for n, t in self.model.named_parameters()}
         result = {}
         for name, idx in coords.items():
             param = params[name]
@@ -463,34 +674,32 @@ class DeltaEngine:
                 pert = param.reshape(1, -1).repeat(k, 1)
                 pert[torch.arange(k, device=pert.device), ci] += mu
                 pert = pert.reshape((k,) + tuple(param.shape))
-                out = self._functional_outputs(name, pert, params, buffers, x)
+                out = self._functional_outputs(name, pert, params, x)
                 b = yb.shape[0]
                 losses = self.call_loss(out.reshape((k * b,) + tuple(yb.shape[1:])), repeat_targets(targets, k))
                 chunks.append(losses.reshape(k, b).double() - base_loss[None, :])
                 if on_chunk is not None:
                     on_chunk(name, k)
-            result[name] = torch.cat(chunks) if chunks else torch.zeros((0, yb.shape[0]), dtype=torch.float64)
+            result[name] = torch.cat(chunks) if chunks else torch.zeros((0, yb.shape[0]), dtype=torch.float64,
+                                                                        device=yb.device)
         return yb, base_loss, result
 
-    def _functional_outputs(self, name, pert, params, buffers, x):
-        """Model outputs ``(K, B, ...)`` with parameter ``name`` replaced by ``pert[k]``."""
-        model = self.model
+    def _functional_outputs(self, name, pert, params, x):
+        """Outputs ``(K, B, ...)`` of ``output_fn(model(x))`` with parameter ``name`` replaced by
+        ``pert[k]`` (tied aliases follow), each on fresh copies of the buffers."""
+        model, select = self.model, self.output_fn or (lambda out: out)
+        buffers = {n: b.detach() for n, b in model.named_buffers()}
         k = pert.shape[0]
-        batched_buffers = {n: b.unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in buffers.items()}
 
         def run(w, bufs):
-            return torch.func.functional_call(model, ({**params, name: w}, bufs), (x,))
+            return select(torch.func.functional_call(model, ({**params, name: w}, bufs), (x,)))
 
         try:
-            return torch.func.vmap(run, randomness="error")(pert, batched_buffers)
+            batched = {n: b.unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in buffers.items()}
+            with forbid_randomness(x.device):
+                return torch.func.vmap(run, randomness="error")(pert, batched)
+        except ValueError:
+            raise
         except Exception:  # data-dependent Python control flow: one perturbation at a time
-            param = dict(model.named_parameters())[name]
-            saved = param.detach().clone()
-            outs = []
-            try:
-                for w in pert:
-                    param.copy_(w)
-                    outs.append(model(x))
-            finally:
-                param.copy_(saved)
-            return torch.stack(outs)
+            with forbid_randomness(x.device):
+                return torch.stack([run(w, {n: b.clone() for n, b in buffers.items()}) for w in pert])

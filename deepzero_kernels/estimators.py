@@ -7,13 +7,14 @@ Estimation never changes parameters or buffers (BatchNorm running statistics inc
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 
 import torch
 import torch.nn as nn
 
-from .engine import (DeltaEngine, check_losses, check_no_dropout, per_sample_cross_entropy, query_loss,
-                     repeat_targets)
+from .engine import (DeltaEngine, check_losses, check_no_dropout, forbid_randomness, model_lock,
+                     per_sample_cross_entropy, preserved_buffers, query_loss, repeat_targets)
 from .ops import check_count, check_mu, resolve_backend
 
 __all__ = ["CGE", "RGE", "assign_grads", "check_batch", "check_masks"]
@@ -131,6 +132,17 @@ def assign_grads(model: nn.Module, grads: dict) -> None:
             p.grad.copy_(g)
 
 
+def _holding_model_lock(method):
+    """Run an estimator method under its model's lock: while an estimate runs, the model's
+    parameters are swapped by functional calls and its buffers are snapshotted, so another
+    estimate of the same model (any estimator, any thread) must wait."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with model_lock(self.model):
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class _Estimator:
     def __init__(self, model, loss_fn, mu, backend):
         if not isinstance(model, nn.Module):
@@ -162,6 +174,7 @@ class _Estimator:
     def trainable(self) -> dict:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    @_holding_model_lock
     def backward(self, *args, **kwargs) -> dict:
         """Like :meth:`estimate`, and also write the estimate into each parameter's ``.grad``."""
         grads = self.estimate(*args, **kwargs)
@@ -193,11 +206,13 @@ class CGE(_Estimator):
     perturbed losses are closed-form, so only the base call is a query.)
     """
 
-    def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None):
+    def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None,
+                 output_fn=None, strategy="delta"):
         super().__init__(model, loss_fn, mu, backend)
         self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size,
-                                  backend=backend)
+                                  backend=backend, output_fn=output_fn, strategy=strategy)
 
+    @_holding_model_lock
     def estimate(self, x, y, masks=None, *, on_chunk=None) -> dict:
         """Estimate the gradient of the mean loss on batch ``(x, y)``.
 
@@ -247,10 +262,13 @@ class RGE(_Estimator):
     way (1 + number of chunks of directions calls, B * (1 + q) samples per estimate).
     """
 
-    def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, backend="auto", chunk_size=None):
+    def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, backend="auto", chunk_size=None, output_fn=None):
         super().__init__(model, loss_fn, mu, backend)
         self.q = check_count("q", q)
         self.chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size)
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
+        self.output_fn = output_fn
 
     def directions(self, names, generator=None) -> torch.Tensor:
         """``(q, d)`` unit-norm Gaussian directions over the parameters ``names`` (concatenated)."""
@@ -262,6 +280,7 @@ class RGE(_Estimator):
         u = u / u.norm(dim=1, keepdim=True)
         return u.to(device=p0.device, dtype=p0.dtype)
 
+    @_holding_model_lock
     def estimate(self, x, y, generator=None, *, names=None, directions=None) -> dict:
         """Estimate the gradient on ``(x, y)``; returns ``{name: tensor}`` for every trainable
         parameter. ``generator`` seeds the directions; ``names`` restricts the perturbed
@@ -287,7 +306,7 @@ class RGE(_Estimator):
         try:
             with explained_errors(self.model, x, y, self.loss_fn):
                 diffs, out, base_loss = batched_losses(self.model, tail, x, y, names, self.mu * u,
-                                                       chunk_size=self.chunk_size)
+                                                       chunk_size=self.chunk_size, output_fn=self.output_fn)
         finally:
             self._count_queries(*calls)
         self.last_seconds = time.perf_counter() - t0
@@ -306,18 +325,22 @@ class RGE(_Estimator):
 
 
 @torch.no_grad()
-def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None):
+def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, output_fn=None):
     """Per-sample loss changes ``(Q, B)`` (float64) of the model with the parameters ``names``
     shifted by each row of ``steps`` ``(Q, d)`` (concatenated in ``names`` order), evaluated as
     vmapped batches of functional calls. Returns ``(diffs, base_output, base_losses)``. Buffers
-    are restored; in train mode each shifted model uses the statistics of its own batch."""
+    are restored; in train mode each shifted model uses the statistics of its own batch; the
+    model's own parameters are never written; a forward that draws random numbers is refused."""
     loss_fn = loss_fn or per_sample_cross_entropy
+    select = output_fn or (lambda out: out)
     check_no_dropout(model)
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    buffers = {n: b.detach() for n, b in model.named_buffers()}
-    saved = {n: b.clone() for n, b in buffers.items()}
-    try:
-        base_out = model(x)
+    with model_lock(model), preserved_buffers(model), forbid_randomness(x.device):
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+        base_out = select(model(x))
+        if not isinstance(base_out, torch.Tensor):
+            raise TypeError(f"the model's output is a {type(base_out).__name__}, not a tensor: pass output_fn= "
+                            "to select the tensor the loss takes, e.g. output_fn=lambda out: out[0]")
         base = check_losses(loss_fn(base_out, y), x.shape[0]).double()
         q = steps.shape[0]
         kmax = chunk_size or max(1, min(q, 32))
@@ -334,19 +357,14 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None):
             bufs = {n: b.unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in buffers.items()}
 
             def run(pp, bb):
-                return torch.func.functional_call(model, ({**fixed, **pp}, bb), (x,))
+                return select(torch.func.functional_call(model, ({**fixed, **pp}, bb), (x,)))
 
             try:
                 out = torch.func.vmap(run, randomness="error")(pert, bufs)
             except Exception:  # ops vmap cannot batch: one shifted model at a time
-                out = torch.stack([torch.func.functional_call(model, ({**fixed, **{n: t[i] for n, t in pert.items()}},
-                                                                      {n: b.clone() for n, b in buffers.items()}), (x,))
+                out = torch.stack([run({n: t[i] for n, t in pert.items()}, {n: b.clone() for n, b in buffers.items()})
                                    for i in range(k)])
             b = x.shape[0]
             losses = check_losses(loss_fn(out.reshape((k * b,) + tuple(out.shape[2:])), repeat_targets(y, k)), k * b)
             diffs.append(losses.reshape(k, b).double() - base[None, :])
         return torch.cat(diffs), base_out, base
-    finally:
-        for n, b in model.named_buffers():
-            b.copy_(saved[n])
-

@@ -14,6 +14,7 @@ import numbers
 import torch
 import torch.nn as nn
 
+from .engine import model_lock
 from .estimators import RGE, check_batch
 from .ops import check_mu
 
@@ -41,15 +42,16 @@ def zo_hessian_gradient(model, x, y, *, names=None, q=192, mu=5e-3, loss_fn=None
     rge = RGE(model, loss_fn, mu, q)
     u = rge.directions(names, generator)
     g0 = rge.estimate(x, y, names=names, directions=u)
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in names}
-    try:
-        for n in names:
-            params[n].add_(g0[n], alpha=mu)
-        g1 = rge.estimate(x, y, names=names, directions=u)
-    finally:
-        for n in names:
-            params[n].copy_(saved[n])
+    with model_lock(model):  # the parameters are shifted in place: no other estimate may run meanwhile
+        params = dict(model.named_parameters())
+        saved = {n: params[n].detach().clone() for n in names}
+        try:
+            for n in names:
+                params[n].add_(g0[n], alpha=mu)
+            g1 = rge.estimate(x, y, names=names, directions=u)
+        finally:
+            for n in names:
+                params[n].copy_(saved[n])
     hg = {n: (g1[n] - g0[n]) / mu for n in names}
     return hg, {n: g0[n] for n in names}
 

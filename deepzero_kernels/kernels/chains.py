@@ -124,11 +124,15 @@ def _match(ctx, head: Node, *, at_head: bool, allow_gap: bool) -> _Chain:
     """The longest chain that starts at ``head`` (``at_head``) or right after it."""
     ch = _Chain()
     cur, nxt = (head.args[0], head) if at_head else (head, _sole_user(head))
+    if nxt in ctx.sources:
+        nxt = None
     h, w = ctx.base(cur).shape[-2:]
 
     def step(n):
         ch.nodes.append(n)
-        return n, _sole_user(n)
+        user = _sole_user(n)
+        # A node where the parameter enters again (a module applied twice) ends the chain.
+        return n, None if user in ctx.sources else user
 
     if nxt is not None and _bn2d(ctx, nxt) is not None and nxt.args[0] is cur:
         ch.bn = nxt
