@@ -105,10 +105,8 @@ def train_steps(method, model, ds, masks, args, gen_seed):
     g = torch.Generator().manual_seed(gen_seed)
     est = None
     if method in ("delta-engine", "batched"):
-        est = dz.CGE(model, mu=args.mu)
-        if method == "batched":
-            # Force the engine's fallback (batched functional calls from the input, no delta rules).
-            est.engine._trace = lambda: None
+        # "batched": the engine's functional path (batched whole-model calls from the input, no delta rules)
+        est = dz.CGE(model, mu=args.mu, strategy="functional" if method == "batched" else "delta")
     seconds, perts, first = 0.0, 0, None
     if est is not None:  # untimed warm-up: tracing and first-call allocation are one-off costs
         idx = torch.randperm(ds.x_train.shape[0], generator=torch.Generator().manual_seed(99))[:args.batch_size]
