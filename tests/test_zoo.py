@@ -609,7 +609,9 @@ def oracle(name, train, model, x, y, output_fn):
     return ref
 
 
-BACKENDS = ("torch", "native")
+# Triton runs its CPU interpreter here: ~7 minutes for the zoo, so it is behind the slow marker
+# (`pytest -m slow tests/test_zoo.py`), and runs in full on a GPU.
+BACKENDS = ("torch", "native", pytest.param("triton", marks=pytest.mark.slow))
 MODES = pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 ON_BACKENDS = pytest.mark.parametrize("backend", BACKENDS)
 
