@@ -35,6 +35,10 @@ RESUME_FREE = {"resume", "out", "progress", "threads", "device", "backend", "mem
                "eval_batch_size", "dist_timeout", "check_every"}
 # torchrun settings: flag, else environment variable, else default (see dist_setting)
 DIST_ENV = {"dist_timeout": ("DZ_DIST_TIMEOUT", float, 300.0), "check_every": ("DZ_CHECK_EVERY", int, 10)}
+# The generators are seeded with seed * 1000 + i (i < 5), which torch takes as a 64-bit number.
+SEED_MAX = (2 ** 64 - 5) // 1000
+# gloo counts a process group's timeout in nanoseconds as a 64-bit int (at most ~9.2e9 s).
+DIST_TIMEOUT_MAX = 1e9
 
 PAPER_RECIPE = ("python -m deepzero_kernels.train --dataset cifar10 --data-dir DIR --model resnet20 "
                 "--estimator cge --sparsity 0.9 --sparsity-method zo_grasp --grasp-q 192 --mu 5e-3 "
@@ -65,8 +69,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A usage error is one line on stderr and exit code 2 (not the 17-line usage)."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m deepzero_kernels.train",
         description="Zeroth-order (DeepZero) training: ZO-GraSP layer densities, sparse CGE with "
                     "random masks redrawn periodically, SGD. The default trains the App. B CNN "
@@ -164,13 +174,16 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     need(a.width >= 1, f"--width must be >= 1, got {a.width}")
     need(a.threads >= 0, f"--threads must be >= 0, got {a.threads}")
     need(a.memory_budget is None or a.memory_budget > 0, f"--memory-budget must be > 0, got {a.memory_budget}")
+    need(0 <= a.seed <= SEED_MAX, f"--seed must be in [0, {SEED_MAX}] (seed * 1000 + i seeds 64-bit "
+                                  f"generators), got {a.seed}")
     for key in DIST_ENV:
         try:
             v = dist_setting(vars(a), key)
         except ValueError as e:
             p.error(str(e))
-        need(finite(v) and v > 0 if key == "dist_timeout" else v >= 0,
-             f"--{key.replace('_', '-')} must be {'> 0' if key == 'dist_timeout' else '>= 0'}, got {v}")
+        need(finite(v) and 0 < v <= DIST_TIMEOUT_MAX if key == "dist_timeout" else v >= 0,
+             f"--{key.replace('_', '-')} must be "
+             f"{f'in (0, {DIST_TIMEOUT_MAX:g}] seconds' if key == 'dist_timeout' else '>= 0'}, got {v}")
     need(not (a.sparsity > 0 and a.sparsity_method == "none"),
          f"--sparsity {a.sparsity} with --sparsity-method none: use --sparsity 0 for dense training "
          f"or pick zo_grasp/random")
@@ -187,7 +200,63 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             dev = torch.device(a.device)
         except RuntimeError:
             p.error(f"--device: not a device: {a.device!r}")
+        need(dev.type in ("cpu", "cuda"), f"--device {a.device}: unsupported device type {dev.type!r}; "
+                                          f"use auto, cpu, cuda or cuda:N")
         need(dev.type != "cuda" or torch.cuda.is_available(), f"--device {a.device}: CUDA is not available")
+        need(dev.type != "cuda" or dev.index is None or dev.index < torch.cuda.device_count(),
+             f"--device {a.device}: there are {torch.cuda.device_count()} CUDA devices")
+    if a.estimator in ("cge", "rge") and a.backend != "auto":
+        from .ops import resolve_backend
+        try:
+            resolve_backend(a.backend, resolve_device(a.device))
+        except ValueError as e:
+            p.error(f"--backend {a.backend}: {e}")
+    if a.out is not None:
+        problem = out_dir_problem(a.out)
+        need(problem is None, f"--out {a.out}: {problem}")
+
+
+def out_dir_problem(path: str) -> Optional[str]:
+    """Why run files cannot be written to ``path`` (None if they can). Creates the directory and
+    writes a probe file, so a read-only or misplaced ``--out`` fails before any work is done."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return "exists and is not a directory"
+    probe = os.path.join(path, f".write-test.{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        return f"not writable ({e.strerror or e})"
+    return None
+
+
+def config_type_problem(p: argparse.ArgumentParser, cfg: dict) -> Optional[str]:
+    """The first field of a saved config whose value does not have its flag's type, or None."""
+    for act in p._actions:
+        k = act.dest
+        if k not in cfg or act.default is argparse.SUPPRESS:
+            continue
+        v = cfg[k]
+        integer = lambda u: isinstance(u, int) and not isinstance(u, bool)  # noqa: E731
+        if v is None and act.default is None:
+            continue
+        if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            ok, what = isinstance(v, bool), "true or false"
+        elif act.type is int:
+            ok, what = integer(v), "an integer"
+        elif act.type is float:
+            ok, what = integer(v) or isinstance(v, float), "a number"
+        elif act.type is _shape:
+            ok, what = isinstance(v, list) and bool(v) and all(integer(u) and u >= 1 for u in v), "a list of sizes >= 1"
+        else:
+            ok, what = isinstance(v, str), "a string"
+        if ok and act.choices is not None and v not in act.choices:
+            ok, what = False, "one of " + ", ".join(map(str, act.choices))
+        if not ok:
+            return f"field {k!r} must be {what}, got {v!r}"
+    return None
 
 
 def parse_args(argv=None):
@@ -203,6 +272,9 @@ def parse_args(argv=None):
             saved = load_config(a.resume)
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
+        problem = config_type_problem(p, saved)
+        if problem:
+            p.error(f"--resume {a.resume}: config.json is corrupt ({problem})")
         for k, v in explicit.items():
             if k in RESUME_FREE:
                 continue
@@ -290,10 +362,52 @@ def load_data(cfg) -> D.Dataset:
     return D.digits()
 
 
-def make_model(cfg, ds: D.Dataset) -> nn.Module:
-    torch.manual_seed(cfg["seed"])  # model init is the only user of the global RNG
+def make_model(cfg, ds: D.Dataset, seed: bool = True) -> nn.Module:
+    if seed:
+        torch.manual_seed(cfg["seed"])  # model init is the only user of the global RNG
     return build_model(cfg["model"], in_channels=ds.in_channels, num_classes=ds.num_classes,
                        image_size=ds.image_size, depth=cfg["depth"], width=cfg["width"])
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Total memory of ``device``: the GPU's, or the machine's RAM (unbounded where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows)
+        return 1 << 62
+
+
+def check_sizes(cfg, ds: D.Dataset, device: torch.device) -> None:
+    """Refuse, before allocating anything, a configuration whose model or random directions
+    cannot fit in memory (a lower bound of what the run allocates: float32 weights, gradients
+    and momentum on ``device``; RGE's and ZO-GraSP's float64 directions on the CPU)."""
+    def gb(n):
+        return f"{n / 2 ** 30:,.1f} GiB"
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = make_model(cfg, ds, seed=False)
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise UsageError(f"--model {cfg['model']} --width {cfg['width']} --depth {cfg['depth']}: cannot be "
+                        f"built ({e})") from None
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = dict(model.named_parameters())
+    n_prunable = sum(params[k].numel() for k in prunable(model))
+    dev_mem, ram = memory_bytes(device), memory_bytes(torch.device("cpu"))
+    if 3 * 4 * n > dev_mem:
+        raise UsageError(f"--model {cfg['model']} --width {cfg['width']} --depth {cfg['depth']}: {n:,} parameters "
+                        f"need {gb(12 * n)} for weights, gradients and momentum, more than the {gb(dev_mem)} "
+                        f"of {device.type} memory")
+    if cfg["estimator"] == "rge":
+        q = cfg["q"] or (n - n_prunable) + round((1 - cfg["sparsity"]) * n_prunable)  # 0: as many as CGE's
+        if 8 * q * n > ram:
+            raise UsageError(f"--q {cfg['q']}: {q:,} RGE directions over {n:,} parameters need {gb(8 * q * n)}, "
+                            f"more than the {gb(ram)} of memory" + ("; pass a smaller --q" if not cfg["q"] else ""))
+    if cfg["sparsity_method"] == "zo_grasp" and cfg.get("resume") is None:
+        if 8 * cfg["grasp_q"] * n_prunable > ram:
+            raise UsageError(f"--grasp-q {cfg['grasp_q']}: ZO-GraSP's directions over {n_prunable:,} weights need "
+                            f"{gb(8 * cfg['grasp_q'] * n_prunable)}, more than the {gb(ram)} of memory")
 
 
 def prunable(model: nn.Module) -> list:
@@ -321,6 +435,8 @@ def atomic_write_bytes(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # disk full, read-only, ...: name the file, not the temporary
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -334,6 +450,51 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient or weight became nan/inf; the last good checkpoint is kept."""
+
+
+class UsageError(ValueError):
+    """A flag that cannot work with this data or model, found before training (exit code 2)."""
+
+
+_NUM, _INT, _NONE = (int, float), int, type(None)
+# Field types of a checkpoint (load_checkpoint refuses anything else with the field's name).
+_CHECKPOINT_FIELDS = {"config": dict, "model": dict, "optimizer": dict, "scheduler": dict,
+                      "masks": (dict, _NONE), "densities": (dict, _NONE), "grasp": dict, "rng": dict,
+                      "state": dict}
+_STATE_FIELDS = {"epoch": _INT, "step": _INT, "perm": (torch.Tensor, _NONE), "history": list, "best_acc": _NUM,
+                 "best_epoch": _INT, "elapsed": _NUM, "perturbations": _INT, "forwards": _INT, "ep": dict}
+_EPOCH_FIELDS = {"loss": _NUM, "correct": _INT, "n": _INT, "seconds": _NUM, "perturbations": _INT}
+
+
+def checkpoint_problem(ck: dict) -> Optional[str]:
+    """The first field of a checkpoint that is missing or has the wrong type, or None."""
+    def bad(where, obj, fields):
+        for k, t in fields.items():
+            if k not in obj:
+                return f"{where}{k} is missing"
+            if isinstance(obj[k], bool) or not isinstance(obj[k], t):
+                return f"{where}{k} has type {type(obj[k]).__name__}"
+        return None
+    why = bad("", ck, _CHECKPOINT_FIELDS) or bad("state.", ck["state"], _STATE_FIELDS) \
+        or bad("state.ep.", ck["state"]["ep"], _EPOCH_FIELDS)
+    if why:
+        return why
+    for k, m in (ck["masks"] or {}).items():
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            return f"masks[{k!r}] is not a bool tensor"
+    for k, v in (ck["densities"] or {}).items():
+        if isinstance(v, bool) or not isinstance(v, _NUM):
+            return f"densities[{k!r}] has type {type(v).__name__}"
+    for k, v in ck["rng"].items():
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.uint8:
+            return f"rng[{k!r}] is not a generator state (uint8 tensor)"
+    if not all(isinstance(h, dict) for h in ck["state"]["history"]):
+        return "state.history holds a non-record"
+    return None
+
+
 def load_checkpoint(run_dir: str, cfg: dict) -> dict:
     path = os.path.join(run_dir, CHECKPOINT)
     try:
@@ -344,6 +505,9 @@ def load_checkpoint(run_dir: str, cfg: dict) -> dict:
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint (format "
                               f"{ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r})")
+    problem = checkpoint_problem(ck)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({problem}); it was left untouched")
     saved = ck.get("config", {})
     diff = {k: (saved.get(k), cfg.get(k)) for k in set(saved) | set(cfg)
             if k not in RESUME_FREE and saved.get(k) != cfg.get(k)}
@@ -440,6 +604,7 @@ def run(cfg: dict, log=None) -> dict:
         os.makedirs(out_dir, exist_ok=True)
 
     ds = load_data(cfg).to(device)
+    check_sizes(cfg, ds, device)
     model = make_model(cfg, ds).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -452,6 +617,13 @@ def run(cfg: dict, log=None) -> dict:
         opt, LRSchedule(cfg["scheduler"], round(cfg["warmup_epochs"] * steps_per_epoch), total_steps))
 
     est_name = cfg["estimator"]
+    zo_mu = est_name != "fo" or cfg["sparsity_method"] == "zo_grasp"  # is --mu used at all
+    if zo_mu:
+        from .ops import check_mu
+        try:
+            check_mu(cfg["mu"], dict(model.named_parameters()))
+        except ValueError as e:
+            raise UsageError(f"--mu {cfg['mu']:g}: {e}") from None
     densities, masks, grasp_info = None, None, {}
     if est_name != "fo" or cfg["sparsity_method"] != "none":
         import deepzero_kernels as dz  # the engine; imported lazily so FO-only runs need less
@@ -505,6 +677,10 @@ def run(cfg: dict, log=None) -> dict:
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise CheckpointError(f"checkpoint {os.path.join(out_dir, CHECKPOINT)} does not match the "
                                   f"model/optimizer of its config ({type(e).__name__}: {e})") from e
+        if not (state["epoch"] >= 0 and 0 <= state["step"] <= steps_per_epoch
+                and (state["step"] == 0 or state["perm"] is not None)):
+            raise CheckpointError(f"checkpoint {os.path.join(out_dir, CHECKPOINT)} is corrupt (epoch "
+                                  f"{state['epoch']}, step {state['step']} of {steps_per_epoch})")
         if state["perm"] is not None and state["perm"].numel() != ds.x_train.shape[0]:
             raise CheckpointError(f"checkpoint was made with {state['perm'].numel()} training samples, "
                                   f"the dataset now has {ds.x_train.shape[0]}")
@@ -545,6 +721,19 @@ def run(cfg: dict, log=None) -> dict:
         if densities is not None:
             log("layer densities (" + cfg["sparsity_method"] + "): "
                 + ", ".join(f"{k}={v:.3f}" for k, v in densities.items()))
+
+    def diverged(what):
+        ck_path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT)
+        kept = (f"the last good checkpoint {ck_path} is kept" if ck_path and os.path.isfile(ck_path)
+                else "no checkpoint was written")
+        raise TrainingDiverged(f"training diverged at epoch {state['epoch'] + 1}, step {state['step'] + 1}: {what}; "
+                               f"stopped without saving ({kept}). Lower --lr (now {cfg['lr']:g})")
+
+    def check_finite(tensors: dict, what: str):
+        """Stop at the first nan/inf among ``tensors`` (one device sync for all of them)."""
+        flags = [torch.isfinite(t).all() for t in tensors.values()]
+        if flags and not bool(torch.stack(flags).all()):
+            diverged(f"{what} {next(n for n, f in zip(tensors, flags) if not f)} is nan or inf")
 
     bn_forward = est is not None and has_running_stats(model)
     t_start = time.perf_counter() - state["elapsed"]
@@ -606,7 +795,19 @@ def run(cfg: dict, log=None) -> dict:
                         for n, p in model.named_parameters():  # sparse gradient for FO / RGE
                             if n in masks and p.grad is not None:
                                 p.grad.mul_(masks[n])
+                    if not math.isfinite(loss_val):
+                        diverged(f"the training loss is {loss_val}")
+                    check_finite({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                                 "the gradient of")
                     opt.step()
+                    check_finite({**dict(model.named_parameters()),
+                                  **{n: b for n, b in model.named_buffers() if b.is_floating_point()}},
+                                 "after the update,")
+                    if est is not None:
+                        try:
+                            check_mu(cfg["mu"], dict(model.named_parameters()))
+                        except ValueError as e:
+                            diverged(f"the weights grew too large for --mu {cfg['mu']:g} to change them ({e})")
                     sched.step()
                     b = y.shape[0]
                     ep["loss"] += loss_val * b
@@ -633,6 +834,8 @@ def run(cfg: dict, log=None) -> dict:
                         raise KeyboardInterrupt
                 bar.close()
                 test_loss, test_acc = evaluate(model, ds, cfg["eval_batch_size"], device)
+                if not math.isfinite(test_loss):
+                    diverged(f"the test loss is {test_loss}")
                 rec = {"epoch": epoch + 1, "train_loss": ep["loss"] / ep["n"], "train_acc": ep["correct"] / ep["n"],
                        "test_loss": test_loss, "test_acc": test_acc, "lr": opt.param_groups[0]["lr"],
                        "seconds": ep["seconds"], "perturbations": ep["perturbations"],
@@ -706,21 +909,32 @@ def plot(history: list, path: str, title: str = "") -> None:
     a2.set_xlabel("epoch"); a2.set_ylabel("accuracy (%)"); a2.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("can't allocate memory", "out of memory",
+                                                                    "not enough memory")))
 
 
 def main(argv=None) -> int:
     cfg, parser = parse_args(argv)
     try:
         summary = run(cfg)
-    except CheckpointError as e:
+    except UsageError as e:
+        parser.error(str(e))
+    except (CheckpointError, TrainingDiverged, OSError, D.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, D.DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); lower "
+              f"--batch-size, --width, --q or --grasp-q, or set --memory-budget", file=sys.stderr)
         return 1
     return 130 if summary["interrupted"] else 0
 

@@ -120,3 +120,166 @@ def test_fused_ops_refuse_a_tiny_mu_and_a_kernel_larger_than_the_input():
         conv2d_perturbed(torch.randn(1, 1, 7, 7), w, None, idx, 1e-30)
     with pytest.raises(ValueError, match="mu=1e-30 is too small for bias"):
         linear_perturbed(torch.randn(2, 3), torch.randn(4, 3), torch.randn(4), idx, 1e-30, param="bias")
+
+
+# ----------------------------------------------------------------------------- trainer CLI
+import errno  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from deepzero_kernels import train  # noqa: E402
+
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-size", "48,24",
+        "--model", "cnn", "--width", "4", "--depth", "2", "--batch-size", "16", "--grasp-q", "4",
+        "--no-progress", "--threads", "1", "--epochs", "2"]
+
+
+def _usage_error(argv, capsys, *words):
+    """``argv`` is refused with exit code 2 and one line on stderr that holds ``words``."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--width", "1000000"], ["--width 1000000", "GiB", "memory"]),
+    (["--estimator", "rge", "--q", "1000000000"], ["--q 1000000000", "GiB"]),
+    (["--grasp-q", "1000000000"], ["--grasp-q 1000000000", "GiB"]),
+    (["--seed", str(2 ** 64)], ["--seed", str(2 ** 64)]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--device", "meta"], ["--device meta", "'meta'"]),
+    (["--device", "mps"], ["--device mps", "'mps'"]),
+    (["--dist-timeout", "1e300"], ["--dist-timeout", "1e+300"]),
+    (["--mu", "1e-30"], ["--mu 1e-30", "float32", "mu >="]),
+], ids=["width", "q", "grasp-q", "seed-64bit", "seed-negative", "meta", "mps", "dist-timeout", "mu"])
+def test_trainer_usage_errors_are_one_line_exit_2(extra, words, capsys):
+    _usage_error(TINY + extra, capsys, *words)
+
+
+def test_trainer_backend_triton_on_cpu(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _usage_error(TINY + ["--backend", "triton", "--device", "cpu"], capsys, "--backend triton", "cpu")
+
+
+def test_trainer_out_is_checked_before_the_data(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    missing_data = ["--dataset", "cifar10", "--data-dir", str(tmp_path / "no_cifar"), "--no-progress"]
+    _usage_error(missing_data + ["--out", str(f)], capsys, f"--out {f}", "not a directory")
+    _usage_error(missing_data + ["--out", str(f / "run")], capsys, f"--out {f / 'run'}", "not writable")
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        _usage_error(missing_data + ["--out", str(ro)], capsys, "not writable")
+
+
+def _fo_run(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("field,value", [("lr", "0.1"), ("epochs", 1.5), ("synthetic_shape", 5), ("augment", "yes"),
+                                         ("model", "vgg"), ("seed", True)])
+def test_resume_with_a_wrongly_typed_config_field(tmp_path, capsys, field, value):
+    out = _fo_run(tmp_path)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["config"][field] = value
+    (out / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    _usage_error(["--resume", str(out), "--no-progress"], capsys, "config.json", repr(field))
+
+
+@pytest.mark.parametrize("where,value,words", [
+    (("state", "epoch"), "1", ["state.epoch", "str"]),
+    (("state", "ep", "n"), 1.5, ["state.ep.n", "float"]),
+    (("state", "step"), 99, ["step 99"]),
+    (("masks",), [1, 2], ["masks", "list"]),
+    (("grasp",), None, ["grasp", "NoneType"]),
+    (("rng", "data"), "seed", ["rng['data']"]),
+    (("state",), {"epoch": 1}, ["state.step is missing"]),
+])
+def test_resume_with_a_wrongly_typed_checkpoint_field(tmp_path, capsys, where, value, words):
+    out = _fo_run(tmp_path)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    d = ck
+    for k in where[:-1]:
+        d = d[k]
+    d[where[-1]] = value
+    torch.save(ck, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main(["--resume", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "checkpoint" in err and "corrupt" in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_disk_full_during_the_plot_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    import matplotlib.figure
+
+    def full(self, f, **kw):
+        f.write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: [Errno {errno.ENOSPC}] cannot write {out / 'metrics.png'}: No space left on device"
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                                              "can't allocate memory: you tried to allocate 36000000000000 bytes."),
+                                 MemoryError()], ids=["torch", "python"])
+def test_out_of_memory_is_one_line(monkeypatch, capsys, exc):
+    def oom(*a, **k):
+        raise exc
+    monkeypatch.setattr(train, "evaluate", oom)
+    assert train.main(TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: out of memory") and "--width" in err
+
+
+# ----------------------------------------------------------------------------- divergence
+@pytest.mark.parametrize("estimator", ["fo", "cge", "rge"])
+def test_divergence_stops_with_an_error_and_writes_no_checkpoint(tmp_path, capsys, estimator):
+    out = tmp_path / "run"
+    argv = TINY + ["--estimator", estimator, "--q", "4", "--sparsity", "0", "--lr", "1e30", "--out", str(out)]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "diverged at epoch 1" in err and "--lr" in err, err
+    assert "done" not in err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    steps_per_epoch = 3  # 48 samples, batch 16
+    monkeypatch.setattr(train.LRSchedule, "__call__", lambda self, t: 1.0 if t < steps_per_epoch else 1e30)
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--estimator", "cge", "--sparsity", "0.5", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "diverged at epoch 2, step 1" in err and f"last good checkpoint {out / 'checkpoint.pt'} is kept" in err
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra,code", [(["--device", "meta"], 2), (["--lr", "1e30", "--estimator", "fo"], 1)])
+def test_cli_errors_have_no_traceback(extra, code):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "deepzero_kernels.train"] + TINY + ["--sparsity", "0"] + extra,
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == code
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
