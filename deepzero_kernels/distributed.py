@@ -23,7 +23,9 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from .engine import param_sources, preserved_buffers
+from . import rules
+from .engine import preserved_buffers
+from .graph import param_sources
 from .estimators import CGE, assign_grads, check_masks
 
 __all__ = ["DistributedCGE", "partition", "init_from_env", "flop_costs"]
@@ -75,7 +77,6 @@ def partition(counts: list, costs: list, world: int) -> list:
     return out
 
 
-_MIXING = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # ops that spread a one-channel delta
 
 
 def flop_costs(model: nn.Module, x: torch.Tensor):
@@ -109,7 +110,7 @@ def flop_costs(model: nn.Module, x: torch.Tensor):
 
     def dense(n):
         m = mods.get(n.target) if n.op == "call_module" else None
-        if isinstance(m, _MIXING) and n in shapes:
+        if m is not None and rules.mixes_channels(n, m) and n in shapes:
             k = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(m.kernel_size)
             return 2.0 * numel(n) * k, True
         return numel(n), False

@@ -23,10 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from . import ops
-from .kernels import chains, get as get_kernels
-from .deltas import (ChannelDelta, DenseDelta, DenseValue, Rules, densify, gather_channels, is_inplace, kdim,
-                     to_values, uses_batch_stats, dropout_active, _DROPOUT_FUNCS)
+from . import fusion, rules
+from .deltas import ChannelDelta, DenseDelta, densify, kdim, to_values
+from .formulas import cross_entropy_delta
+from .graph import (DROPOUT_FUNCS, affected_nodes, dropout_active, functionalize, is_inplace, last_uses,
+                    param_sources, structure_signature)
+from .kernels import get as get_kernels
+from .ops import resolve_backend
 
 __all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget", "query_loss"]
 
@@ -90,7 +93,7 @@ def check_no_dropout(model: nn.Module, graph: fx.Graph | None = None) -> None:
                              "mode (module.eval()) or set p=0.")
     if graph is not None:
         for n in graph.nodes:
-            if n.op == "call_function" and n.target in _DROPOUT_FUNCS:
+            if n.op == "call_function" and n.target in DROPOUT_FUNCS:
                 if dropout_active(n):
                     raise ValueError(f"the model calls {n.target.__name__} with training=True: zeroth-order "
                                      "estimates need a deterministic forward; pass training=self.training "
@@ -152,70 +155,6 @@ def forbid_randomness(device: torch.device, what: str = "the model's forward"):
                          "in eval mode (model.eval() or module.eval()) or remove the randomness.")
 
 
-def structure_signature(model: nn.Module) -> tuple:
-    """What a trace depends on, cheap to recompute on every call: module and parameter identities,
-    shapes, dtypes and devices, train/eval flags, plain attributes (which Python control flow
-    may read) and hooks. Any change means the model must be traced again."""
-    mods = []
-    for name, m in model.named_modules(remove_duplicate=False):
-        plain = tuple((k, v) for k, v in m.__dict__.items() if isinstance(v, (bool, int, float, str, type(None))))
-        hooks = (len(m._forward_hooks), len(m._forward_pre_hooks))
-        mods.append((name, id(m), type(m), plain, hooks, id(m.__dict__.get("forward"))))
-    params = tuple((n, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
-                   for n, p in model.named_parameters(remove_duplicate=False))
-    bufs = tuple((n, id(b), tuple(b.shape), b.dtype) for n, b in model.named_buffers(remove_duplicate=False))
-    return tuple(mods), params, bufs
-
-
-# Ops whose result may share memory with their input: an in-place op on such a result also
-# writes into the input, which the engine's graph rewrite cannot follow.
-_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "t",
-                 "expand", "expand_as", "squeeze", "unsqueeze", "narrow", "select", "chunk", "split", "unbind",
-                 "detach", "contiguous", "to", "type", "type_as", "float", "double", "half", "movedim", "T", "mT"}
-_VIEW_FUNCS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
-               torch.narrow, torch.select, torch.chunk, torch.split, torch.unbind, operator.getitem, torch.t,
-               torch.detach, torch.movedim}
-_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
-
-
-def _may_alias(node: Node, modules: dict) -> bool:
-    if node.op == "placeholder" or node.op == "get_attr":
-        return True  # the caller's input, or a parameter/buffer
-    if node.op == "call_method":
-        return node.target in _VIEW_METHODS
-    if node.op == "call_function":
-        return node.target in _VIEW_FUNCS
-    if node.op == "call_module":
-        return isinstance(modules.get(node.target), _VIEW_MODULES)
-    return False
-
-
-def functionalize(graph: fx.Graph, modules: dict) -> bool:
-    """Rewrite in-place ops so that the graph reads like an out-of-place program: after
-    ``n = y.relu_()``, every later reader of ``y`` reads ``n`` (the engine evaluates ``n`` on a
-    private copy, so the base value of ``y`` stays what earlier readers saw). Returns False when
-    a mutation cannot be followed (an in-place op on a view or on the model's input,
-    ``y[i] = v``, ``out=``): the caller must not use the graph."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for n in list(graph.nodes):
-        if n.op == "call_function" and n.target is operator.setitem:
-            return False
-        if "out" in n.kwargs:
-            return False
-        if not is_inplace(n, modules.get(n.target) if n.op == "call_module" else None):
-            continue
-        if not n.args or not isinstance(n.args[0], Node):
-            return False
-        y = n.args[0]
-        if _may_alias(y, modules):
-            return False
-        for user in list(y.users):
-            if user is not n and order[user] > order[n]:
-                user.replace_input_with(y, n)
-    graph.lint()
-    return True
-
-
 class _Selected(nn.Module):
     """``output_fn(model(x))`` as one module, so that the trace ends at the loss's input."""
 
@@ -228,27 +167,6 @@ class _Selected(nn.Module):
         return self.output_fn(self.model(x))
 
 
-def param_sources(graph: fx.Graph, root: nn.Module, modules: dict) -> dict:
-    """``{id(tensor): [(node, path), ...]}``: every graph node where a parameter enters, found
-    by tensor identity (tied weights, a module applied twice). ``path`` is the parameter's name
-    inside the called leaf module (``"weight"``, ``"out_proj.weight"``), or None for a
-    ``get_attr`` of the tensor itself."""
-    out: dict = {}
-    for n in graph.nodes:
-        if n.op == "call_module":
-            for path, t in modules[n.target].named_parameters(remove_duplicate=False):
-                entry = out.setdefault(id(t), [])
-                if not any(s is n for s, _ in entry):
-                    entry.append((n, path))
-        elif n.op == "get_attr":
-            obj = root
-            for part in n.target.split("."):
-                obj = getattr(obj, part)
-            if isinstance(obj, torch.Tensor):
-                out.setdefault(id(obj), []).append((n, None))
-    return out
-
-
 class _Pass:
     """State of one batch: base values of every node and the delta of the chunk in flight."""
 
@@ -258,17 +176,23 @@ class _Pass:
         self.reps: dict = {}
         self.k = 0
         self._bn = {}
-        self.rules = Rules(self)
         self.kernels = None   # a kernels.Kernels of the triton/native backend, or None (torch rules)
         self.targets = None
         self.affected = set()  # nodes downstream of the parameter being estimated
         self.sources = set()   # nodes where that parameter enters: no fused chain may swallow one
 
     def fused(self, node):
-        """A fused kernel chain starting at ``node``, or NotImplemented (then the per-node rules run)."""
+        """A fused kernel chain starting at ``node``, or NotImplemented (then the per-node rules run).
+        The fusion pass returns the representations of every node it covered; they are stored here."""
         if self.kernels is None:
             return NotImplemented
-        return chains.fused_node(self, node)
+        return self._store(fusion.fused_node(self, node), node)
+
+    def _store(self, placed, node):
+        if placed is NotImplemented or placed is None:
+            return placed
+        self.reps.update(placed)
+        return placed[node]
 
     def base(self, n):
         return self._base[n] if isinstance(n, Node) else n
@@ -322,7 +246,7 @@ class DeltaEngine:
         memory_budget: bytes for one chunk (default :func:`default_memory_budget`).
         chunk_size: fixed number of perturbations per chunk (overrides the budget).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``: who runs the fused chains
-            (:mod:`deepzero_kernels.kernels.chains`); the torch backend runs the per-node rules.
+            (:mod:`deepzero_kernels.fusion`); the torch backend runs the per-node rules.
             Resolved for the input's device at every call.
         output_fn: for a model whose forward returns a tuple, dict or other structure, selects
             the tensor the loss takes (``lambda out: out[0]``, ``lambda out: out["logits"]``).
@@ -359,6 +283,9 @@ class DeltaEngine:
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
         self.strategy = strategy
+        # Injection point: a kernels object (the interface of ``kernels.get(name)``) that runs the
+        # fused chains whatever ``backend`` resolves to; tests use it to count launches.
+        self.kernels = None
         self.root = _Selected(model, output_fn) if output_fn is not None else model
         self._traces: dict = {}  # structure signature -> _Trace (a few: train and eval)
         self._warned: set = set()
@@ -406,7 +333,7 @@ class DeltaEngine:
         if is_inplace(node, mod) and args and isinstance(args[0], torch.Tensor):
             args = (args[0].clone(),) + tuple(args[1:])
         if node.op == "call_module":
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and uses_batch_stats(mod):
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and rules.uses_batch_stats(mod):
                 # Batch statistics without touching the running buffers.
                 w, b = mod.weight, mod.bias
                 if override is not None:
@@ -458,42 +385,20 @@ class DeltaEngine:
         only_input = (not changed_input and isinstance(x, Node) and len(node.all_input_nodes) == 1
                       and not node.kwargs and path in ("weight", "bias"))
         if only_input:
-            xb, yb = p.base(x), p.base(node)
             if p.kernels is not None:
-                fused = chains.fused_source(p, node, mod, path, param, idx, mu)
+                fused = p._store(fusion.fused_source(p, node, mod, path, param, idx, mu), node)
                 if fused is not None:
                     return fused
-            if isinstance(mod, nn.Conv2d) and xb.dim() == 4:
-                if path == "weight":
-                    pad = ops.conv_padding(mod.padding, mod.kernel_size, mod.dilation)
-                    ch, vals = ops.conv2d_weight_delta(xb, param.shape, idx, mu, stride=mod.stride, pad=pad,
-                                                       dilation=mod.dilation, groups=mod.groups,
-                                                       padding_mode=mod.padding_mode)
-                    return ChannelDelta(ch, vals, tuple(yb.shape[1:]))
-                return ChannelDelta(idx, yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu), tuple(yb.shape[1:]))
-            if isinstance(mod, nn.Linear) and xb.dim() == 2:
-                if path == "weight":
-                    i, vals = ops.linear_weight_delta(xb, param.shape, idx, mu)
-                    return ChannelDelta(i, vals, tuple(yb.shape[1:]))
-                return ChannelDelta(idx, yb.new_full((yb.shape[0], k), mu), tuple(yb.shape[1:]))
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and xb.dim() >= 2:
-                if path == "bias":
-                    vals = yb.new_full((yb.shape[0], k) + tuple(yb.shape[2:]), mu)
-                    return ChannelDelta(idx, vals, tuple(yb.shape[1:]))
-                shape = (1, -1) + (1,) * (xb.dim() - 2)
-                if uses_batch_stats(mod):
-                    x_hat, inv_std = p.bn_stats(node, x)
-                    x_norm = x_hat * inv_std.reshape(shape)
-                else:
-                    x_norm = (xb - mod.running_mean.reshape(shape)) * torch.rsqrt(mod.running_var + mod.eps).reshape(shape)
-                rep = ChannelDelta(idx, None, tuple(yb.shape[1:]))
-                return ChannelDelta(idx, gather_channels(x_norm, rep) * mu, tuple(yb.shape[1:]))
+            source = rules.find_source_rule(mod)
+            rep = source(p, node, path, param, idx, mu) if source is not None else None
+            if rep is not None:
+                return rep
         # Anything else (another module, a parameter inside a leaf module, a use whose input
         # the same perturbation already changed): evaluate the node once per perturbation with
         # its perturbed inputs and a perturbed copy of the parameter.
         pert = param.detach().reshape(1, -1).repeat(k, 1)
         pert[torch.arange(k, device=pert.device), idx] += mu
-        return p.rules.fallback(node, override=(path, pert.reshape((k,) + tuple(param.shape))))
+        return rules.fallback(p, node, override=(path, pert.reshape((k,) + tuple(param.shape))))
 
     # ------------------------------------------------------------------ chunk sizing
     def chunk_size_for(self, working_set: int, n: int, device) -> int:
@@ -517,12 +422,12 @@ class DeltaEngine:
         k, b = p.k, yb.shape[0]
         if rep is None:
             return torch.zeros((k, b), dtype=torch.float64, device=yb.device)
-        if isinstance(rep, chains.LossDelta):
+        if isinstance(rep, fusion.LossDelta):
             return rep.values
         if self.loss_fn is None and yb.dim() == 2:
             if isinstance(rep, ChannelDelta) and len(rep.view) == 1:
-                return ops.cross_entropy_delta(yb, targets, rep.values.t(), rep.index)
-            return ops.cross_entropy_delta(yb, targets, densify(rep, yb).transpose(0, 1))
+                return cross_entropy_delta(yb, targets, rep.values.t(), rep.index)
+            return cross_entropy_delta(yb, targets, densify(rep, yb).transpose(0, 1))
         # Perturbation-major (K*B, ...) so that targets.repeat(K) lines up.
         outputs = to_values(rep, yb).transpose(0, 1).reshape((k * b,) + tuple(yb.shape[1:]))
         losses = self.call_loss(outputs, repeat_targets(targets, k))
@@ -576,8 +481,8 @@ class DeltaEngine:
         out_node = next(n for n in graph.nodes if n.op == "output")
         yb = base[out_node]
         p = _Pass(self, base)
-        name = ops.resolve_backend(self.backend, x.device)
-        p.kernels = None if name == "torch" else get_kernels(name)
+        name = resolve_backend(self.backend, x.device)
+        p.kernels = self.kernels if self.kernels is not None else None if name == "torch" else get_kernels(name)
         p.targets = targets
         p.base_loss = self.call_loss(yb, targets).double()
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -600,18 +505,9 @@ class DeltaEngine:
             n = idx.numel()
             p.sources = set(src_path)
             # Nodes the parameter can change: a fused chain may only add a tensor outside this set.
-            p.affected = set()
-            todo = list(src_path)
-            while todo:
-                nd = todo.pop()
-                if nd not in p.affected:
-                    p.affected.add(nd)
-                    todo.extend(nd.users)
+            p.affected = affected_nodes(src_path)
             # Last use of each node, so deltas are freed as soon as nothing needs them.
-            last_use = {}
-            for nd in nodes[order[start]:]:
-                for a in nd.all_input_nodes:
-                    last_use[a] = nd
+            last_use = last_uses(nodes[order[start]:])
             # Every call chunks the same way (a first chunk of one, which measures the working
             # set, then chunks sized from it), so results never depend on call history.
             kmax = self.chunk_size or 1
@@ -629,7 +525,7 @@ class DeltaEngine:
                         # A source is evaluated in graph order, so that a second use of the
                         # parameter sees the change the first use made to its input.
                         r = (self._source_delta(p, nd, src_path[nd], params[name], ci, mu) if nd in src_path
-                             else p.rules.propagate(nd))
+                             else rules.propagate(p, nd))
                         if r is not None:
                             p.reps[nd] = r
                     r = p.reps.get(nd)

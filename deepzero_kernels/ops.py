@@ -21,6 +21,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .formulas import (batch_norm_delta, conv2d_weight_delta, conv_padding, conv_weight_coords, cross_entropy_delta,
+                       linear_weight_delta, pair)
+
 __all__ = ["conv2d_perturbed", "linear_perturbed", "conv2d_weight_delta", "linear_weight_delta",
            "batch_norm_delta", "cross_entropy_delta", "backends", "resolve_backend"]
 
@@ -55,8 +58,10 @@ def resolve_backend(backend: str, device: torch.device | None = None) -> str:
         key = (device.type, avail["native"][1])
         if key not in _warned:
             _warned.add(key)
-            warnings.warn(f"deepzero_kernels: backend='auto' uses the torch backend on {device.type}: "
-                          f"native: {avail['native'][1]}", stacklevel=3)
+            extra = f" triton: {avail['triton'][1]}." if device.type == "cuda" else ""
+            warnings.warn(f"deepzero_kernels: backend='auto' falls back to the slower torch backend on "
+                          f"{device.type} (the fused kernels are several times faster). native: "
+                          f"{avail['native'][1]}.{extra}", stacklevel=3)
         return "torch"
     ok, why = avail[backend]
     if not ok:
@@ -135,141 +140,6 @@ def check_index(idx, numel: int, device: torch.device, *, name: str = "idx") -> 
     return idx.to(device=device, dtype=torch.long)
 
 
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        v = (v, v)
-    v = tuple(v)
-    if len(v) != 2 or not all(isinstance(a, int) for a in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    return v
-
-
-def conv_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
-    """Explicit ``(left, right, top, bottom)`` zero padding for a conv's ``padding`` argument,
-    including the strings ``'valid'`` and ``'same'`` (asymmetric for even kernels, as PyTorch)."""
-    if padding == "valid":
-        return (0, 0, 0, 0)
-    if padding == "same":
-        pads = []
-        for k, d in ((kernel_size[1], dilation[1]), (kernel_size[0], dilation[0])):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)
-    ph, pw = _pair(padding, "padding")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be >= 0, got {padding!r}")
-    return (pw, pw, ph, ph)
-
-
-# ----------------------------------------------------------------------------- delta primitives
-def conv_weight_coords(weight_shape, idx: torch.Tensor, groups: int = 1):
-    """Flat weight indices -> ``(o, c, u, v)``: output channel, absolute input channel (inside
-    o's group) and kernel tap of each perturbed weight ``W.view(-1)[idx[k]]``."""
-    c_out, c_in_g, kh, kw = weight_shape
-    o, rem = idx // (c_in_g * kh * kw), idx % (c_in_g * kh * kw)
-    c, rem = rem // (kh * kw), rem % (kh * kw)
-    return o, (o // (c_out // groups)) * c_in_g + c, rem // kw, rem % kw
-
-
-def conv2d_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: float, *,
-                        stride=(1, 1), pad=(0, 0, 0, 0), dilation=(1, 1), groups: int = 1,
-                        padding_mode: str = "zeros"):
-    """Delta of a conv output under ``W.view(-1)[idx[k]] += mu``, for every k at once.
-
-    ``W[o, c, u, v] += mu`` changes only output channel ``o``, by
-    ``mu * x_pad[:, g*C_in_g + c, u*d + s*i, v*d + s*j]``. Returns ``(channels, values)``:
-    ``channels`` of shape ``(K,)`` and ``values`` of shape ``(B, K, H_out, W_out)`` (sample-major,
-    as the engine stores deltas).
-    Inputs are assumed validated. ``pad`` is ``(left, right, top, bottom)``.
-    """
-    c_out, c_in_g, kh, kw = weight_shape
-    o, c_abs, u, v = conv_weight_coords(weight_shape, idx, groups)
-    if any(pad):
-        mode = "constant" if padding_mode == "zeros" else padding_mode
-        x = F.pad(x, pad, mode=mode)
-    x = x.contiguous()
-    b, c_all, hp, wp = x.shape
-    sh, sw = stride
-    dh, dw = dilation
-    h_out = (hp - dh * (kh - 1) - 1) // sh + 1
-    w_out = (wp - dw * (kw - 1) - 1) // sw + 1
-    # Flat offsets (within one sample) of the K windows' elements: one index_select on the
-    # contiguous (B, C*Hp*Wp) input gathers all of them.
-    start = c_abs * (hp * wp) + (u * dh) * wp + v * dw  # (K,)
-    rows = sh * wp * torch.arange(h_out, device=x.device)
-    cols = sw * torch.arange(w_out, device=x.device)
-    flat = (start[:, None, None] + rows[None, :, None] + cols[None, None, :]).reshape(-1)
-    vals = x.reshape(b, -1).index_select(1, flat).reshape(b, -1, h_out, w_out)  # (B, K, H_out, W_out)
-    return o, vals * mu
-
-
-def linear_weight_delta(x: torch.Tensor, weight_shape, idx: torch.Tensor, mu: float):
-    """Delta of ``F.linear`` output under ``W.view(-1)[idx[k]] += mu``: output coordinate
-    ``i = idx // N_in`` changes by ``mu * x[..., j]`` with ``j = idx % N_in``.
-    Returns ``(coords (K,), values (*x.shape[:-1], K))``."""
-    n_in = weight_shape[1]
-    i, j = idx // n_in, idx % n_in
-    return i, x.index_select(-1, j) * mu
-
-
-def batch_norm_delta(x_hat: torch.Tensor, inv_std: torch.Tensor, weight: torch.Tensor | None,
-                     delta: torch.Tensor, reduce_dims: tuple[int, ...]):
-    """Exact change of a batch-statistics BatchNorm output when its input changes by ``delta``.
-
-    ``x_hat`` is the centred input ``x - mean`` and ``inv_std`` ``1/sqrt(var + eps)`` (biased
-    variance) of the unperturbed batch, broadcastable to ``delta``; ``weight`` the affine scale
-    (or None). ``reduce_dims`` are the dims of ``delta`` that statistics are taken over (batch and
-    spatial). The new statistics are formed from moments of ``delta`` so that no difference of
-    two large numbers is taken: ``var' - var = 2 E[x_hat delta] + E[delta^2] - E[delta]^2``, and
-    ``out' - out = w (x_hat (inv' - inv) + (delta - E[delta]) inv')``.
-    """
-    n = math.prod(delta.shape[d] for d in reduce_dims)
-    d_mean = delta.sum(reduce_dims, keepdim=True) / n
-    d_var = (2 * (x_hat * delta).sum(reduce_dims, keepdim=True) + delta.square().sum(reduce_dims, keepdim=True)) / n \
-        - d_mean.square()
-    # 1/sqrt(var + dvar + eps) - 1/sqrt(var + eps) without cancellation.
-    std = inv_std.reciprocal()
-    new_inv = torch.rsqrt(std.square() + d_var)
-    d_inv = -d_var * inv_std * new_inv / (std + new_inv.reciprocal())
-    if weight is not None:
-        d_inv, new_inv = d_inv * weight, new_inv * weight
-    return torch.addcmul(torch.addcmul(-d_mean * new_inv, x_hat, d_inv), delta, new_inv)
-
-
-def cross_entropy_delta(logits: torch.Tensor, target: torch.Tensor, delta: torch.Tensor,
-                        coords: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample change of the cross-entropy loss when the logits change by ``delta``.
-
-    ``logits`` ``(B, N)`` and ``target`` ``(B,)`` are the unperturbed batch. With ``coords``
-    ``(K,)`` given, ``delta`` is ``(K, B)``: only logit ``coords[k]`` changes and the result is
-    ``log1p(p_i * expm1(delta)) - delta * [i == y]``. Without it ``delta`` is ``(K, B, N)`` and the
-    result ``log1p(sum_j p_j expm1(delta_j)) - delta_y``. Returns ``(K, B)`` in float64: no
-    forward pass and no difference of two losses.
-    """
-    logits = logits.double()
-    delta = delta.double()
-    logp = torch.log_softmax(logits, dim=1)
-    if coords is not None:
-        p_i = logp.exp().t()[coords]  # (K, B)
-        hit = (target[None, :] == coords[:, None]).double()
-        out = torch.log1p(p_i * torch.expm1(delta)) - delta * hit
-        bad = ~torch.isfinite(out)
-        if bad.any():  # p_i rounded to 1 and a large negative delta: fall back to logsumexp
-            full = torch.zeros(delta.shape + logits.shape[1:], dtype=delta.dtype, device=delta.device)
-            full.scatter_(2, coords[:, None, None].expand(-1, delta.shape[1], 1), delta[..., None])
-            out = torch.where(bad, cross_entropy_delta(logits, target, full), out)
-        return out
-    p = logp.exp()
-    s = (p * torch.expm1(delta)).sum(-1)
-    d_y = delta.gather(2, target[None, :, None].expand(delta.shape[0], -1, 1)).squeeze(2)
-    out = torch.log1p(s) - d_y
-    bad = ~torch.isfinite(out)
-    if bad.any():
-        direct = torch.logsumexp(logits + delta, -1) - torch.logsumexp(logits, -1) - d_y
-        out = torch.where(bad, direct, out)
-    return out
-
-
 # ----------------------------------------------------------------------------- public ops
 def _check_param(param: str) -> str:
     if param not in ("weight", "bias"):
@@ -315,7 +185,7 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
                          f"(weight.shape[1]={weight.shape[1]} x groups={groups})")
     mu = check_mu(mu)
     backend = resolve_backend(backend, x.device)
-    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     if min(stride) < 1 or min(dilation) < 1:
         raise ValueError(f"stride and dilation must be >= 1, got {stride}, {dilation}")
     pad = conv_padding(padding, weight.shape[2:], dilation)

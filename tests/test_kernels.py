@@ -228,9 +228,9 @@ def test_float32_kernels_match_reference(backend):
 
 
 # ----------------------------------------------------------------------------- through the engine
-def _with_kernels(monkeypatch, name):
-    """Run the engine's fused chains on backend ``name`` ('torch' = the reference kernels)."""
-    import deepzero_kernels.engine as engine
+def _with_kernels(est, name):
+    """Run ``est``'s fused chains on backend ``name`` ('torch' = the reference kernels), through
+    the engine's ``kernels`` injection point; returns the launch counts."""
     kern = kernels.get(name) if name == "torch" else _backend(name)
     calls = collections.Counter()
 
@@ -243,8 +243,7 @@ def _with_kernels(monkeypatch, name):
                 return fn(*a, **kw)
             return run
 
-    monkeypatch.setattr(engine.ops, "resolve_backend", lambda b, d=None: "fused")
-    monkeypatch.setattr(engine, "get_kernels", lambda n: Counting())
+    est.engine.kernels = Counting()
     return calls
 
 
@@ -261,8 +260,7 @@ ENGINE_CASES = [(b, m, mode) for b in ALL for m in MODELS for mode in ("train", 
 
 
 @pytest.mark.parametrize("backend,model_name,mode", ENGINE_CASES)
-def test_cge_with_fused_chains_matches_naive_loop(monkeypatch, backend, model_name, mode):
-    calls = _with_kernels(monkeypatch, backend)
+def test_cge_with_fused_chains_matches_naive_loop(backend, model_name, mode):
     model, shape = MODELS[model_name]()
     model = model.double()
     getattr(model, mode)()
@@ -273,6 +271,7 @@ def test_cge_with_fused_chains_matches_naive_loop(monkeypatch, backend, model_na
     x = torch.randn(shape, dtype=torch.float64)
     y = torch.randint(0, 10, (shape[0],))
     cge = dz.CGE(model, mu=1e-4, chunk_size=3)
+    calls = _with_kernels(cge, backend)
     est = cge.estimate(x, y)
     assert not cge.engine.fallback_counts
     assert rel_err(est, naive_cge(model, x, y, 1e-4)) < 1e-8
@@ -286,11 +285,12 @@ def test_cge_with_fused_chains_matches_naive_loop(monkeypatch, backend, model_na
 
 
 @pytest.mark.parametrize("backend", [b for b in ALL if b != "torch"])
-def test_cge_float32_with_backend_close_to_float64_naive(monkeypatch, backend):
-    _with_kernels(monkeypatch, backend)
+def test_cge_float32_with_backend_close_to_float64_naive(backend):
     model = models.SimpleCNN(3, 10, depth=2, width=5)
     x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
-    est = dz.CGE(model, mu=5e-3).estimate(x, y)
+    cge = dz.CGE(model, mu=5e-3)
+    _with_kernels(cge, backend)
+    est = cge.estimate(x, y)
     ref_est = naive_cge(model.double(), x.double(), y, 5e-3)
     assert rel_err(est, ref_est) < 2e-3
 

@@ -56,7 +56,7 @@ def chain_args(g, dtype, b, c, h, w, bn_mode, relu, pool):
     pk, ps = pool
     if pk:
         hp, wp = reference.pool_out(h, pk, ps), reference.pool_out(w, pk, ps)
-        pool_base = reference._max_pool_clipped(pre.clamp_min(0), pk, ps, hp, wp).contiguous()
+        pool_base = reference.max_pool_clipped(pre.clamp_min(0), pk, ps, hp, wp).contiguous()
     else:
         pool_base = empty
     return bn + (relu_base, pk, ps, pool_base)

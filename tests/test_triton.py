@@ -59,7 +59,7 @@ def _chain_args(b, c, h, w, bn_mode, relu, pool, dtype):
     if pool:
         pk, ps = pool
         hp, wp = reference.pool_out(h, pk, ps), reference.pool_out(w, pk, ps)
-        kw.update(pool_k=pk, pool_s=ps, pool_base=reference._max_pool_clipped(
+        kw.update(pool_k=pk, pool_s=ps, pool_base=reference.max_pool_clipped(
             kw["relu_base"].clamp_min(0), pk, ps, hp, wp).contiguous())
     return kw
 

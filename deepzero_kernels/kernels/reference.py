@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops import batch_norm_delta, cross_entropy_delta
+from ..formulas import batch_norm_delta, cross_entropy_delta, pool_out
 
 __all__ = ["conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
@@ -35,7 +35,7 @@ def _gather(t: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     return t.index_select(1, channel)
 
 
-def _max_pool_clipped(v: torch.Tensor, k: int, s: int, hp: int, wp: int) -> torch.Tensor:
+def max_pool_clipped(v: torch.Tensor, k: int, s: int, hp: int, wp: int) -> torch.Tensor:
     """Max pool of ``(N, C, H, W)`` with windows clipped at the border, ``(hp, wp)`` outputs."""
     h, w = v.shape[-2:]
     pad_h, pad_w = max(0, (hp - 1) * s + k - h), max(0, (wp - 1) * s + k - w)
@@ -76,7 +76,7 @@ def channel_chain(values, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu
     b, k = d.shape[:2]
     hp, wp = pool_base.shape[-2:]
     # max pool commutes with ReLU: pool the ReLU's perturbed input, then apply the ReLU.
-    pooled = _max_pool_clipped((x0 + d).reshape(b * k, 1, *d.shape[2:]), pool_k, pool_s, hp, wp)
+    pooled = max_pool_clipped((x0 + d).reshape(b * k, 1, *d.shape[2:]), pool_k, pool_s, hp, wp)
     return pooled.reshape(b, k, hp, wp).clamp_min(0) - _gather(pool_base, channel)
 
 
@@ -130,15 +130,10 @@ def bn_act_dense(values, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_
         v = v.clamp_min(0)
     if pool_k:
         hp, wp = pool_out(h, pool_k, pool_s), pool_out(w, pool_k, pool_s)
-        v = _max_pool_clipped(v.reshape(b * k, c, h, w), pool_k, pool_s, hp, wp).reshape(b, k, c, hp, wp)
+        v = max_pool_clipped(v.reshape(b * k, c, h, w), pool_k, pool_s, hp, wp).reshape(b, k, c, hp, wp)
     if global_avg:
         v = v.mean((3, 4))
     return v
-
-
-def pool_out(n: int, k: int, s: int) -> int:
-    """Output length of a ``ceil_mode`` max pool without padding (every window starts inside)."""
-    return -(-(n - k) // s) + 1 if n >= k else 1
 
 
 def conv1ch_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, base_out,

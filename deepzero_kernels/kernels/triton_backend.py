@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import pool_out
+from ..formulas import pool_out
 
 __all__ = ["conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
@@ -107,7 +107,7 @@ def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw,
     HW = H * W
     ar = tl.arange(0, BLOCK).to(_IDX)
     if BN_MODE == 1:
-        # ops.batch_norm_delta: new statistics from moments of the delta (no cancellation).
+        # formulas.batch_norm_delta: new statistics from moments of the delta (no cancellation).
         sd = tl.zeros([BLOCK], DT)
         sxd = tl.zeros([BLOCK], DT)
         sdd = tl.zeros([BLOCK], DT)

@@ -1,11 +1,13 @@
-"""Fused chains: find the channel-local layers after a conv or linear in the traced graph and
-evaluate them with one kernel launch of the selected backend.
+"""The fusion pass: find the channel-local layers after a conv or linear in the traced graph and
+evaluate them with one kernel launch of the selected backend (:mod:`deepzero_kernels.kernels`).
 
-The torch backend propagates a delta node by node (:mod:`deepzero_kernels.deltas`). With a
+The torch backend propagates a delta node by node (:mod:`deepzero_kernels.rules`). With a
 kernel backend the engine asks this module first; a pattern that matches is computed by one
-kernel, which produces the representation of the chain's *last* node. The nodes inside the
-chain get :class:`Fused` placeholders: each has one user, the next node of the chain, so nothing
-else reads them. Anything that does not match exactly falls back to the per-node rules.
+kernel, which produces the representation of the chain's *last* node. The result is a
+``{node: representation}`` dict for the engine to store: the nodes inside the chain get
+:class:`Fused` placeholders (each has one user, the next node of the chain, so nothing else
+reads them). A node where the perturbed parameter enters again ends a chain. Anything that does
+not match exactly falls back to the per-node rules.
 
 Patterns (``[]`` optional; every inner node has a single user):
 
@@ -29,9 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..ops import conv_padding, conv_weight_coords
-from ..deltas import ChannelDelta, DenseDelta, DenseValue, to_values, uses_batch_stats
-from .reference import pool_out
+from .deltas import ChannelDelta, DenseDelta, DenseValue, to_values
+from .formulas import bn_running_scale, conv_padding, conv_weight_coords, pool_out
+from .rules import uses_batch_stats
 
 __all__ = ["Fused", "LossDelta", "fused_source", "fused_node"]
 
@@ -153,15 +155,14 @@ def _match(ctx, head: Node, *, at_head: bool, allow_gap: bool) -> _Chain:
     return ch
 
 
-def _place(ctx, head: Node, ch: _Chain, rep):
-    """Store ``rep`` at the chain's last node and placeholders inside it; returns what the
-    engine stores at ``head`` (the node it asked about)."""
+def _place(head: Node, ch: _Chain, rep) -> dict:
+    """``{node: representation}`` of a fused chain: ``rep`` at its last node, placeholders inside
+    (and at ``head``, the node the engine asked about, unless it is the last)."""
     if not ch.nodes or ch.nodes == [head]:
-        return rep
-    for n in ch.nodes[:-1]:
-        ctx.reps[n] = Fused()
-    ctx.reps[ch.nodes[-1]] = rep
-    return ctx.reps.get(head, Fused())
+        return {head: rep}
+    out = {n: Fused() for n in [head] + ch.nodes[:-1]}
+    out[ch.nodes[-1]] = rep
+    return out
 
 
 # ----------------------------------------------------------------------------- BatchNorm arguments
@@ -176,9 +177,7 @@ def _bn_channel_args(ctx, bn_node: Node | None, like: torch.Tensor):
         x_hat, inv_std = ctx.bn_stats(bn_node, bn_node.args[0])
         w = bn.weight.detach() if bn.weight is not None else inv_std.new_ones(c)
         return 1, x_hat.contiguous(), inv_std.contiguous(), w.contiguous()
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.detach()
+    scale = bn_running_scale(bn.running_var, bn.eps, None if bn.weight is None else bn.weight.detach())
     return 2, empty, empty, scale.to(empty.dtype).contiguous()
 
 
@@ -193,7 +192,7 @@ def _bn_dense_args(ctx, bn_node: Node, like: torch.Tensor):
     b = bn.bias.detach() if bn.bias is not None else like.new_zeros(c)
     if uses_batch_stats(bn):
         return 1, w.contiguous(), b.contiguous(), float(bn.eps)
-    scale = w * torch.rsqrt(bn.running_var + bn.eps)
+    scale = bn_running_scale(bn.running_var, bn.eps, w)
     return 2, scale.contiguous(), (b - bn.running_mean * scale).contiguous(), float(bn.eps)
 
 
@@ -222,8 +221,8 @@ def _logits_ce(ctx, node: Node) -> bool:
 
 # ----------------------------------------------------------------------------- entry points
 def fused_source(ctx, node: Node, mod, pname: str, param, idx: torch.Tensor, mu: float):
-    """The representation of a weight perturbation at its own layer computed by a fused kernel
-    (with the chain after it), or None when no kernel applies."""
+    """``{node: representation}`` of a weight perturbation at its own layer and the chain after
+    it, computed by a fused kernel, or None when no kernel applies."""
     kern = ctx.kernels
     xb, yb = ctx.base(node.args[0]), ctx.base(node)
     if isinstance(mod, nn.Conv2d) and pname == "weight" and mod.padding_mode == "zeros" and xb.dim() == 4:
@@ -236,15 +235,15 @@ def fused_source(ctx, node: Node, mod, pname: str, param, idx: torch.Tensor, mu:
         vals = kern.conv_delta_chain(xb.contiguous(), src, u * mod.dilation[0] - pad_t, v * mod.dilation[1] - pad_l,
                                      o, mu, mod.stride[0], mod.stride[1], yb.shape[2], yb.shape[3], c_out,
                                      bn_mode, x_hat, inv_std, bn_w, relu_base, pk, ps, pool_base)
-        return _place(ctx, node, ch, _channel_rep(ctx, ch, node, o, vals))
+        return _place(node, ch, _channel_rep(ctx, ch, node, o, vals))
     if isinstance(mod, nn.Linear) and pname == "weight" and xb.dim() == 2 and _logits_ce(ctx, node):
-        return LossDelta(kern.linear_weight_ce(xb.contiguous(), yb.contiguous(), ctx.targets, idx, mu))
+        return {node: LossDelta(kern.linear_weight_ce(xb.contiguous(), yb.contiguous(), ctx.targets, idx, mu))}
     return None
 
 
 def fused_node(ctx, node: Node):
-    """The representation of ``node`` computed by a fused kernel (with the chain after it), or
-    NotImplemented when no kernel applies."""
+    """``{node: representation}`` of ``node`` and the chain after it, computed by a fused kernel,
+    or NotImplemented when no kernel applies."""
     changed = [a for a in node.all_input_nodes if ctx.rep(a) is not None]
     if len(changed) != 1 or not node.args or node.args[0] is not changed[0] \
             or not isinstance(ctx.base(node), torch.Tensor):
@@ -262,7 +261,7 @@ def fused_node(ctx, node: Node):
             relu_base, pk, ps, pool_base = _tail_args(ctx, ch, xb)
             vals = kern.channel_chain(rep.values.contiguous(), rep.index, bn_mode, x_hat, inv_std, bn_w,
                                       relu_base, pk, ps, pool_base)
-            return _place(ctx, node, ch, _channel_rep(ctx, ch, node, rep.index, vals))
+            return _place(node, ch, _channel_rep(ctx, ch, node, rep.index, vals))
         if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros" \
                 and not isinstance(mod.padding, str) and len(node.args) == 1 and not node.kwargs:
             return _conv1ch(ctx, node, mod, rep)
@@ -275,10 +274,10 @@ def fused_node(ctx, node: Node):
     if isinstance(mod, nn.Linear) and xb.dim() == 2 and len(node.args) == 1 and _logits_ce(ctx, node):
         yb, wt = ctx.base(node).contiguous(), mod.weight.detach().contiguous()
         if type(rep) is ChannelDelta and len(rep.view) == 1:
-            return LossDelta(kern.linear_rank1_ce(rep.values.contiguous(), rep.index, wt, yb, ctx.targets))
+            return {node: LossDelta(kern.linear_rank1_ce(rep.values.contiguous(), rep.index, wt, yb, ctx.targets))}
         if isinstance(rep, (DenseValue, DenseDelta)):
-            return LossDelta(kern.linear_dense_ce(to_values(rep, xb).contiguous(), xb.contiguous(), wt, yb,
-                                                  ctx.targets))
+            return {node: LossDelta(kern.linear_dense_ce(to_values(rep, xb).contiguous(), xb.contiguous(), wt, yb,
+                                                         ctx.targets))}
     return NotImplemented
 
 
@@ -291,7 +290,7 @@ def _dense_tail(ctx, head: Node, ch: _Chain, like, launch):
     out = launch(residual, ch.relu is not None, pk, ps, ch.gap is not None)
     if ch.gap is not None:
         out = out[..., None, None]  # the adaptive pool keeps (1, 1) spatial dims
-    return _place(ctx, head, ch, DenseValue(out))
+    return _place(head, ch, DenseValue(out))
 
 
 def _conv1ch(ctx, node: Node, conv: nn.Conv2d, rep: ChannelDelta):
