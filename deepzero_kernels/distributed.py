@@ -21,10 +21,11 @@ import time
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 import torch.nn as nn
 
 from . import rules
-from .engine import preserved_buffers
+from .functional import preserved_buffers
 from .graph import param_sources
 from .estimators import CGE, assign_grads, check_masks
 
@@ -93,17 +94,10 @@ def flop_costs(model: nn.Module, x: torch.Tensor):
         gm = fx.symbolic_trace(model)
     except Exception:  # the estimator warns about untraceable models itself
         return None
-    shapes = {}
-
-    class Shapes(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if isinstance(out, torch.Tensor):
-                shapes[n] = tuple(out.shape)
-            return out
-
     with preserved_buffers(model), torch.no_grad():  # a train-mode BatchNorm updates its running stats
-        Shapes(gm).run(x)
+        ShapeProp(gm).propagate(x)
+    shapes = {n: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
+              if isinstance(n.meta.get("tensor_meta"), TensorMetadata)}
     mods = dict(gm.named_modules())
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     numel = lambda n: float(torch.Size(shapes[n]).numel()) if n in shapes else 0.0  # noqa: E731

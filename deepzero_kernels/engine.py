@@ -11,11 +11,7 @@ perturb-forward-restore loop where even that cannot run.
 from __future__ import annotations
 
 import collections
-import contextlib
-import operator
-import threading
 import warnings
-import weakref
 
 import torch
 import torch.fx as fx
@@ -26,10 +22,11 @@ from torch.fx import Node
 from . import fusion, rules
 from .deltas import ChannelDelta, DenseDelta, densify, kdim, to_values
 from .formulas import cross_entropy_delta
+from .functional import forbid_randomness, model_lock, preserved_buffers, vmap_or_loop
 from .graph import (DROPOUT_FUNCS, affected_nodes, dropout_active, functionalize, is_inplace, last_uses,
                     param_sources, structure_signature)
 from .kernels import get as get_kernels
-from .ops import resolve_backend
+from .ops import check_count, resolve_backend
 
 __all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget", "query_loss"]
 
@@ -38,7 +35,12 @@ _CPU_CACHE_TARGET = 8 << 20  # bytes of one delta tensor that keep a chunk in a 
 
 
 def per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The default loss: cross-entropy per sample, shape ``(N,)``."""
+    """The default loss: cross-entropy per sample, shape ``(N,)``. A class index past the
+    outputs is a ``ValueError`` naming ``y`` (on a GPU it would be a device-side assert)."""
+    if outputs.dim() >= 2 and targets.numel() and not targets.is_floating_point():
+        top = int(targets.max())
+        if top >= outputs.shape[1]:
+            raise ValueError(f"y holds class index {top}, but the model has {outputs.shape[1]} outputs")
     return F.cross_entropy(outputs, targets, reduction="none")
 
 
@@ -103,56 +105,6 @@ def check_no_dropout(model: nn.Module, graph: fx.Graph | None = None) -> None:
 def _map(v, fn):
     """Apply ``fn`` to every fx Node inside an argument structure."""
     return fx.node.map_arg(v, fn)
-
-
-# ----------------------------------------------------------------------------- guards
-_locks: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_locks_guard = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """One re-entrant lock per model: estimates of one model (by any estimator, from any thread)
-    run one at a time, because each snapshots and restores the model's buffers."""
-    with _locks_guard:
-        lock = _locks.get(model)
-        if lock is None:
-            lock = _locks[model] = threading.RLock()
-        return lock
-
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module):
-    """Restore every buffer (BatchNorm running statistics, counters) on exit: a train-mode
-    forward updates them, an estimate must not."""
-    saved = [(b, b.clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-
-def _rng_states(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextlib.contextmanager
-def forbid_randomness(device: torch.device, what: str = "the model's forward"):
-    """Raise ``ValueError`` when the body draws from torch's default random generators (dropout,
-    stochastic depth, ``torch.rand``, ...): base and perturbed evaluations would see different
-    random numbers and the finite differences would be noise. The generator state is put back."""
-    before = _rng_states(device)
-    yield
-    after = _rng_states(device)
-    if not torch.equal(before[0], after[0]) or (before[1] is not None and not torch.equal(before[1], after[1])):
-        torch.set_rng_state(before[0])
-        if before[1] is not None:
-            torch.cuda.set_rng_state(before[1], device)
-        raise ValueError(f"{what} draws random numbers (dropout, stochastic depth, torch.rand, ...): "
-                         "zeroth-order estimates need a deterministic forward. Put the random layers "
-                         "in eval mode (model.eval() or module.eval()) or remove the randomness.")
 
 
 class _Selected(nn.Module):
@@ -227,6 +179,21 @@ class _Pass:
         return self.engine.call(node, getter, override)
 
 
+class _BasePass(fx.Interpreter):
+    """The unperturbed forward, keeping every node's value (the engine's cache). Nodes are
+    evaluated by ``DeltaEngine.call``, which gives in-place ops a private copy of their input and
+    runs train-mode BatchNorm without touching its running statistics."""
+
+    def __init__(self, engine: "DeltaEngine", graph: fx.Graph):
+        super().__init__(engine.root, garbage_collect_values=False, graph=graph)
+        self.engine = engine
+
+    def run_node(self, n: Node):
+        if n.op in ("call_module", "call_function", "call_method", "get_attr"):
+            return self.engine.call(n, lambda a: self.env[a])
+        return super().run_node(n)
+
+
 class _Trace:
     """One traced structure of the model: the graph (with in-place ops rewritten) and whether
     it may be used; ``None`` graph means the model could not be traced."""
@@ -271,9 +238,8 @@ class DeltaEngine:
         if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                           or memory_budget <= 0):
             raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size <= 0):
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        if chunk_size is not None:
+            check_count("chunk_size", chunk_size)
         if strategy not in ("delta", "functional"):
             raise ValueError(f"strategy must be 'delta' or 'functional', got {strategy!r}")
         self.model = model
@@ -357,18 +323,10 @@ class DeltaEngine:
         raise RuntimeError(f"cannot evaluate node {node.op} {node.target}")
 
     def base_pass(self, graph: fx.Graph, x: torch.Tensor) -> dict:
-        base = {}
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                if node.target in ("x", "input") or not base:
-                    base[node] = x
-                else:
-                    base[node] = node.args[0] if node.args else None  # default argument
-            elif node.op == "output":
-                base[node] = base[node.args[0]] if isinstance(node.args[0], Node) else None
-            else:
-                base[node] = self.call(node, lambda n: base[n])
-        return base
+        """Every node's unperturbed value (placeholders after the first take their defaults)."""
+        interp = _BasePass(self, graph)
+        interp.run(x)
+        return interp.env
 
     # ------------------------------------------------------------------ perturbation sources
     def _source_delta(self, p: _Pass, node: Node, path: str | None, param: torch.Tensor, idx: torch.Tensor,
@@ -582,20 +540,13 @@ class DeltaEngine:
 
     def _functional_outputs(self, name, pert, params, x):
         """Outputs ``(K, B, ...)`` of ``output_fn(model(x))`` with parameter ``name`` replaced by
-        ``pert[k]`` (tied aliases follow), each on fresh copies of the buffers."""
+        ``pert[k]`` (tied aliases follow), each on its own copy of the buffers."""
         model, select = self.model, self.output_fn or (lambda out: out)
-        buffers = {n: b.detach() for n, b in model.named_buffers()}
         k = pert.shape[0]
+        buffers = {n: b.detach().unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in model.named_buffers()}
 
         def run(w, bufs):
             return select(torch.func.functional_call(model, ({**params, name: w}, bufs), (x,)))
 
-        try:
-            batched = {n: b.unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in buffers.items()}
-            with forbid_randomness(x.device):
-                return torch.func.vmap(run, randomness="error")(pert, batched)
-        except ValueError:
-            raise
-        except Exception:  # data-dependent Python control flow: one perturbation at a time
-            with forbid_randomness(x.device):
-                return torch.stack([run(w, {n: b.clone() for n, b in buffers.items()}) for w in pert])
+        with forbid_randomness(x.device):
+            return vmap_or_loop(run, (pert, buffers), (0, 0), 0, k)

@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn as nn
 
-from .engine import (DeltaEngine, check_losses, check_no_dropout, forbid_randomness, model_lock,
-                     per_sample_cross_entropy, preserved_buffers, query_loss, repeat_targets)
+from .engine import DeltaEngine, check_losses, check_no_dropout, per_sample_cross_entropy, query_loss, repeat_targets
+from .functional import forbid_randomness, model_lock, preserved_buffers, vmap_or_loop
 from .ops import check_count, check_mu, resolve_backend
 
 __all__ = ["CGE", "RGE", "assign_grads", "check_batch", "check_masks"]
@@ -359,11 +359,7 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, outpu
             def run(pp, bb):
                 return select(torch.func.functional_call(model, ({**fixed, **pp}, bb), (x,)))
 
-            try:
-                out = torch.func.vmap(run, randomness="error")(pert, bufs)
-            except Exception:  # ops vmap cannot batch: one shifted model at a time
-                out = torch.stack([run({n: t[i] for n, t in pert.items()}, {n: b.clone() for n, b in buffers.items()})
-                                   for i in range(k)])
+            out = vmap_or_loop(run, (pert, bufs), (0, 0), 0, k)
             b = x.shape[0]
             losses = check_losses(loss_fn(out.reshape((k * b,) + tuple(out.shape[2:])), repeat_targets(y, k)), k * b)
             diffs.append(losses.reshape(k, b).double() - base[None, :])

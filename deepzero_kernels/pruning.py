@@ -14,7 +14,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from .engine import model_lock
+from .functional import model_lock
 from .estimators import RGE, check_batch
 from .ops import check_mu
 

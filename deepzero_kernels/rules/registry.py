@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.fx import Node
 
 from ..deltas import ChannelPreReLU, DenseValue, kdim
+from ..functional import vmap_or_loop
 
 __all__ = ["RuleContext", "rule", "source_rule", "find_rule", "find_source_rule", "mixes_channels", "propagate",
            "fallback", "first_input", "as_function", "only_first_changed"]
@@ -158,11 +159,7 @@ def fallback(ctx: RuleContext, node: Node, override=None):
         out = list(out) if multi else [out]
         return tuple(out[i] for i in keep)
 
-    try:
-        outs = torch.func.vmap(run, in_dims=tuple(in_dims), out_dims=out_dims, randomness="error")(*perturbed)
-    except Exception:  # an op vmap cannot batch: evaluate perturbation by perturbation
-        per_k = [run(*(_select(p, d, i) for p, d in zip(perturbed, in_dims))) for i in range(ctx.k)]
-        outs = tuple(torch.stack([o[j] for o in per_k], d) for j, d in enumerate(out_dims))
+    outs = vmap_or_loop(run, tuple(perturbed), tuple(in_dims), out_dims, ctx.k)
     reps = [None] * len(outs_base)
     for i, o in zip(keep, outs):
         reps[i] = DenseValue(o)
@@ -204,9 +201,3 @@ def _kdims(base):
     if isinstance(base, (tuple, list)):
         return type(base)(_kdims(b) for b in base)
     return kdim(base) if isinstance(base, torch.Tensor) else None
-
-
-def _select(value, dims, i):
-    if isinstance(value, (tuple, list)):
-        return type(value)(_select(v, d, i) for v, d in zip(value, dims))
-    return value if dims is None else value.select(dims, i)
