@@ -84,6 +84,8 @@ def _chain_delta(vals, x, s, oh, ow, mu, k, b, i, j, m, K, H, W, CI, HI, WI, SH,
         return tl.load(vals + ((b * K + k) * H + i) * W + j, mask=m, other=0.0)
 
 
+# Length: one kernel is one launch; the chain's stages share registers and would each reread
+# memory if split into functions of their own.
 @triton.autotune(configs=_configs({"BLOCK": 64}, [{"BLOCK": b} for b in (256, 1024, 2048)]),
                  key=["B", "H", "W", "HP", "WP", "GATHER", "BN_MODE", "RELU", "POOL"])
 @triton.jit
@@ -262,6 +264,7 @@ def _dense_act(v, res, b, c, i, j, m, C, H, W, mean, rs, wc, bc,
     return v
 
 
+# Length: one kernel is one launch (conv tap loop, statistics and tail in registers).
 @triton.autotune(configs=_configs({"BC": 8, "BLOCK": 64},
                                   [{"BC": bc, "BLOCK": bl} for bc, bl in ((1, 1024), (4, 256), (8, 256), (16, 64))]),
                  key=["B", "C", "H", "W", "HI", "WI", "KH", "KW", "HP", "WP", "CONV", "BN_MODE", "RES", "RELU",
