@@ -144,7 +144,7 @@ def _holding_model_lock(method):
 
 
 class _Estimator:
-    def __init__(self, model, loss_fn, mu, backend):
+    def __init__(self, model, loss_fn, mu):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
@@ -152,9 +152,6 @@ class _Estimator:
         self.model = model
         self.loss_fn = loss_fn
         self.mu = check_mu(mu)
-        self.backend = backend
-        p = next(model.parameters(), None)
-        resolve_backend(backend, p.device if p is not None else None)
         self.last_loss = float("nan")
         self.last_output = None
         self.num_perturbations = 0
@@ -208,7 +205,10 @@ class CGE(_Estimator):
 
     def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None,
                  output_fn=None, strategy="delta"):
-        super().__init__(model, loss_fn, mu, backend)
+        super().__init__(model, loss_fn, mu)
+        p = next(model.parameters(), None)
+        resolve_backend(backend, p.device if p is not None else None)  # fail early on an unknown name
+        self.backend = backend
         self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size,
                                   backend=backend, output_fn=output_fn, strategy=strategy)
 
@@ -262,8 +262,8 @@ class RGE(_Estimator):
     way (1 + number of chunks of directions calls, B * (1 + q) samples per estimate).
     """
 
-    def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, backend="auto", chunk_size=None, output_fn=None):
-        super().__init__(model, loss_fn, mu, backend)
+    def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, chunk_size=None, output_fn=None):
+        super().__init__(model, loss_fn, mu)
         self.q = check_count("q", q)
         self.chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size)
         if output_fn is not None and not callable(output_fn):

@@ -218,7 +218,7 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
     return out
 
 
-def linear_perturbed(x, weight, bias, idx, mu, *, param="weight", backend="auto"):
+def linear_perturbed(x, weight, bias, idx, mu, *, param="weight"):
     """Outputs of ``F.linear`` under K single-coordinate perturbations, in one batched call.
 
     Args:
@@ -227,7 +227,7 @@ def linear_perturbed(x, weight, bias, idx, mu, *, param="weight", backend="auto"
         mu: perturbation size, finite and > 0.
     Returns:
         ``(K, B, N_out)`` where ``out[k] == F.linear(x, weight + mu*e_idx[k], bias)``: one matmul plus
-        a rank-1 update per k.
+        a rank-1 update per k (plain torch on every device: no backend has a kernel for it).
     """
     param = _check_param(param)
     x = check_tensor("x", x, ndim=2)
@@ -237,7 +237,6 @@ def linear_perturbed(x, weight, bias, idx, mu, *, param="weight", backend="auto"
         raise ValueError(f"x has {x.shape[1]} features but weight expects {weight.shape[1]}")
     _check_bias(x, weight, bias, param)
     mu = check_mu(mu)
-    resolve_backend(backend, x.device)
     target = weight if param == "weight" else bias
     idx = check_index(idx, target.numel(), x.device)
     check_mu(mu, {param: target.detach().reshape(-1)[idx]})
