@@ -149,6 +149,7 @@ def _experiment():
     return mod
 
 
+@pytest.mark.experiment
 def test_defense_experiment_small():
     """A tiny in-process run of python/experiments/blackbox_defense.py: every stage runs, the
     metrics are finite, and fine-tuning on loss (A2) lowers the held-out loss (ZO and FO)."""

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deepzero_kernels import CGE
+from deepzero_kernels import CGE, backends
 from deepzero_kernels.models import MLP, CifarResNet, SimpleCNN
 
 from conftest import assert_bitwise_unchanged, naive_cge, rel_err, snapshot
@@ -52,10 +52,21 @@ def random_mlp(rng: random.Random, d_in=6, classes=3):
     return nn.Sequential(*layers)
 
 
-def check(model, x, y, *, masks=None, loss_fn=None, chunk_size=None, memory_budget=None):
+@pytest.fixture(params=["torch", "native"])
+def backend(request):
+    """Every exactness test runs on each backend by name (never 'auto', whose choice depends
+    on what was built)."""
+    ok, why = backends()[request.param]
+    if not ok:
+        pytest.skip(f"backend {request.param!r} is not available: {why}")
+    return request.param
+
+
+def check(model, x, y, *, backend, masks=None, loss_fn=None, chunk_size=None, memory_budget=None):
     model = model.double()
     snap = snapshot(model)
-    est = CGE(model, loss_fn, MU, chunk_size=chunk_size, memory_budget=memory_budget).estimate(x, y, masks)
+    est = CGE(model, loss_fn, MU, chunk_size=chunk_size, memory_budget=memory_budget,
+              backend=backend).estimate(x, y, masks)
     assert_bitwise_unchanged(model, snap)
     ref = naive_cge(model, x, y, MU, loss_fn, masks)
     assert set(est) == set(ref)
@@ -68,7 +79,7 @@ def check(model, x, y, *, masks=None, loss_fn=None, chunk_size=None, memory_budg
 
 @pytest.mark.parametrize("seed", range(10))
 @pytest.mark.parametrize("train", [True, False])
-def test_random_cnn(seed, train):
+def test_random_cnn(seed, train, backend):
     rng = random.Random(seed)
     model = random_cnn(rng)
     model.train(train)
@@ -83,28 +94,28 @@ def test_random_cnn(seed, train):
     except RuntimeError:  # the random stack shrinks this input below a kernel: use a larger one
         x = torch.randn(x.shape[0], 3, 16, 16, dtype=torch.float64)
     y = torch.randint(0, 4, (x.shape[0],))
-    check(model, x, y, chunk_size=rng.choice([None, 1, 3]))
+    check(model, x, y, chunk_size=rng.choice([None, 1, 3]), backend=backend)
 
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("train", [True, False])
-def test_random_mlp(seed, train):
+def test_random_mlp(seed, train, backend):
     rng = random.Random(100 + seed)
     model = random_mlp(rng).train(train)
     x = torch.randn(5, 6, dtype=torch.float64)
-    check(model, x, torch.randint(0, 3, (5,)), chunk_size=rng.choice([None, 2, 7]))
+    check(model, x, torch.randint(0, 3, (5,)), chunk_size=rng.choice([None, 2, 7]), backend=backend)
 
 
 @pytest.mark.parametrize("option", ["A", "B"])
 @pytest.mark.parametrize("train", [True, False])
-def test_resnet(option, train):
+def test_resnet(option, train, backend):
     model = CifarResNet(1, num_classes=4, widths=(2, 4, 4), option=option).train(train)
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
-    check(model, x, torch.randint(0, 4, (3,)), chunk_size=5)
+    check(model, x, torch.randint(0, 4, (3,)), chunk_size=5, backend=backend)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 7, None])
-def test_every_chunk_size_and_masks(chunk):
+def test_every_chunk_size_and_masks(chunk, backend):
     model = SimpleCNN(2, 3, depth=2, width=3)
     x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
     y = torch.randint(0, 3, (4,))
@@ -112,7 +123,7 @@ def test_every_chunk_size_and_masks(chunk):
     masks = {n: torch.rand(p.shape, generator=g) < 0.4 for n, p in model.named_parameters()
              if n.endswith("weight") and p.dim() > 1}
     masks["features.0.weight"] = torch.zeros_like(masks["features.0.weight"])  # all-False: nothing
-    est = check(model, x, y, masks=masks, chunk_size=chunk)
+    est = check(model, x, y, masks=masks, chunk_size=chunk, backend=backend)
     assert (est["features.0.weight"] == 0).all()
 
 
@@ -177,15 +188,15 @@ class FunctionalNet(nn.Module):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_user_modules(train):
+def test_user_modules(train, backend):
     x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
-    check(UserBlock().train(train), x, torch.randint(0, 3, (3,)))
+    check(UserBlock().train(train), x, torch.randint(0, 3, (3,)), backend=backend)
 
 
-def test_functional_parameters_and_unknown_modules():
+def test_functional_parameters_and_unknown_modules(backend):
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     model = FunctionalNet()
-    check(model, x, torch.randint(0, 2, (3,)))
+    check(model, x, torch.randint(0, 2, (3,)), backend=backend)
 
 
 class Untraceable(nn.Module):
@@ -201,14 +212,14 @@ class Untraceable(nn.Module):
         return self.bn(self.b(x))
 
 
-def test_untraceable_model_falls_back():
+def test_untraceable_model_falls_back(backend):
     model = Untraceable()
     x = torch.randn(5, 4, dtype=torch.float64).abs()
     with pytest.warns(UserWarning, match="could not trace"):
-        check(model, x, torch.randint(0, 3, (5,)))
+        check(model, x, torch.randint(0, 3, (5,)), backend=backend)
 
 
-def test_custom_loss_numpy_tail():
+def test_custom_loss_numpy_tail(backend):
     """A black-box loss: a NumPy function over the batched outputs."""
     def tail(outputs, targets):
         o = outputs.detach().cpu().numpy()
@@ -217,7 +228,7 @@ def test_custom_loss_numpy_tail():
     model = SimpleCNN(1, 2, depth=1, width=3)
     x = torch.randn(4, 1, 5, 5, dtype=torch.float64)
     y = torch.randn(4, 2, dtype=torch.float64)
-    check(model, x, y, loss_fn=tail)
+    check(model, x, y, loss_fn=tail, backend=backend)
 
 
 def test_float32_close_to_float64():
@@ -254,13 +265,13 @@ def test_frozen_parameters_are_skipped():
     assert "net.1.weight" not in est and "net.1.bias" in est
 
 
-def test_dropout_in_training_is_refused_and_eval_is_fine():
+def test_dropout_in_training_is_refused_and_eval_is_fine(backend):
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double()
     x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
     with pytest.raises(ValueError, match="Dropout"):
         CGE(model).estimate(x, y)
     model.eval()
-    check(model, x, y)
+    check(model, x, y, backend=backend)
 
 
 class TestBadInput:

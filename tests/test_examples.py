@@ -2,6 +2,10 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.experiment
+
 
 def test_custom_zo_loop_learns():
     path = Path(__file__).resolve().parents[1] / "python" / "examples" / "custom_zo_loop.py"

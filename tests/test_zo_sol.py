@@ -10,6 +10,8 @@ import torch
 
 import deepzero_kernels as dz
 
+pytestmark = pytest.mark.experiment
+
 _path = Path(__file__).resolve().parents[1] / "python" / "experiments" / "zo_sol.py"
 _spec = importlib.util.spec_from_file_location("zo_sol", _path)
 zs = importlib.util.module_from_spec(_spec)
