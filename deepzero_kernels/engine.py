@@ -22,7 +22,7 @@ from torch.fx import Node
 from . import fusion, rules
 from .deltas import ChannelDelta, DenseDelta, densify, kdim, to_values
 from .formulas import cross_entropy_delta
-from .functional import forbid_randomness, model_lock, preserved_buffers, vmap_or_loop
+from .functional import forbid_randomness, has_hooks, model_lock, preserved_buffers, vmap_or_loop
 from .graph import (DROPOUT_FUNCS, affected_nodes, dropout_active, functionalize, is_inplace, last_uses,
                     param_sources, structure_signature)
 from .kernels import get as get_kernels
@@ -179,6 +179,32 @@ class _Pass:
         return self.engine.call(node, getter, override)
 
 
+def _traced_over_hooks(graph: fx.Graph, root: nn.Module) -> str:
+    """Why the trace cannot be used when a module it traced *through* has forward hooks (the
+    graph holds its body, not the call that runs them); '' when there is none. Hooks of leaf
+    modules run: rules send hooked leaves to the exact per-node evaluation."""
+    leaves = {n.target for n in graph.nodes if n.op == "call_module"}
+    for name, m in root.named_modules():
+        if name not in leaves and not any(name.startswith(f"{leaf}.") for leaf in leaves) and has_hooks(m):
+            return f"module {name or type(root).__name__!r} has forward hooks that its traced body does not run"
+    return ""
+
+
+def _resolve(root: nn.Module, target: str):
+    """The attribute ``a.b.c`` of ``root``, or None."""
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _global_hooks_registered() -> bool:
+    m = nn.modules.module
+    return bool(getattr(m, "_global_forward_hooks", None) or getattr(m, "_global_forward_pre_hooks", None))
+
+
 class _BasePass(fx.Interpreter):
     """The unperturbed forward, keeping every node's value (the engine's cache). Nodes are
     evaluated by ``DeltaEngine.call``, which gives in-place ops a private copy of their input and
@@ -198,9 +224,10 @@ class _Trace:
     """One traced structure of the model: the graph (with in-place ops rewritten) and whether
     it may be used; ``None`` graph means the model could not be traced."""
 
-    def __init__(self, graph: fx.Graph | None, why: str = ""):
+    def __init__(self, graph: fx.Graph | None, why: str = "", constants: dict | None = None):
         self.graph = graph
         self.why = why
+        self.constants = constants or {}  # get_attr targets that tracing created (tensor constants)
 
 
 class DeltaEngine:
@@ -256,6 +283,7 @@ class DeltaEngine:
         self._traces: dict = {}  # structure signature -> _Trace (a few: train and eval)
         self._warned: set = set()
         self.modules: dict = {}
+        self._constants: dict = {}
         self.num_loss_calls = 0
         self.num_loss_samples = 0  # samples passed to the loss over all calls
         # Nodes evaluated by the dense per-perturbation fallback (no delta rule): for profiling.
@@ -277,12 +305,19 @@ class DeltaEngine:
             if len(self._traces) >= 4:
                 self._traces.clear()
             try:
-                graph = fx.symbolic_trace(self.root).graph
+                if "forward" in self.model.__dict__:  # fx traces the class's forward, not this one
+                    raise TypeError("its forward is replaced on the instance")
+                with preserved_buffers(self.root):  # tracing runs the forward on proxies
+                    gm = fx.symbolic_trace(self.root)
+                graph = gm.graph
             except Exception as e:  # data-dependent control flow and the like
                 tr = _Trace(None, f"torch.fx could not trace {type(self.model).__name__} ({type(e).__name__}: {e})")
             else:
                 if functionalize(graph, dict(self.root.named_modules())):
-                    tr = _Trace(graph)
+                    # Tensor constants live on the GraphModule, not on the (restored) model.
+                    constants = {n.target: _resolve(gm, n.target) for n in graph.nodes
+                                 if n.op == "get_attr" and _resolve(self.root, n.target) is None}
+                    tr = _Trace(graph, constants=constants)
                 else:
                     tr = _Trace(None, "the forward writes in place into a view, its input or by index")
             self._traces[sig] = tr
@@ -316,10 +351,9 @@ class DeltaEngine:
         if node.op == "get_attr":
             if override is not None:
                 return override[1]
-            obj = self.root
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            return obj
+            if node.target in self._constants:
+                return self._constants[node.target]
+            return _resolve(self.root, node.target)
         raise RuntimeError(f"cannot evaluate node {node.op} {node.target}")
 
     def base_pass(self, graph: fx.Graph, x: torch.Tensor) -> dict:
@@ -341,7 +375,7 @@ class DeltaEngine:
         x = node.args[0] if node.args else None
         changed_input = any(p.rep(a) is not None for a in node.all_input_nodes)
         only_input = (not changed_input and isinstance(x, Node) and len(node.all_input_nodes) == 1
-                      and not node.kwargs and path in ("weight", "bias"))
+                      and not node.kwargs and path in ("weight", "bias") and not has_hooks(mod))
         if only_input:
             if p.kernels is not None:
                 fused = p._store(fusion.fused_source(p, node, mod, path, param, idx, mu), node)
@@ -398,17 +432,25 @@ class DeltaEngine:
         return query_loss(self.loss_fn, outputs, targets)
 
     # ------------------------------------------------------------------ main entry
-    def _eager_output(self, x: torch.Tensor) -> torch.Tensor:
+    def _eager_output(self, x: torch.Tensor):
         """``output_fn(model(x))`` as the user's code computes it: the reference the engine's base
-        pass must reproduce bitwise. Random draws are refused; buffers are restored."""
+        pass must reproduce bitwise. Random draws are refused; the model is restored. Also returns
+        the buffers the forward changed, BatchNorm statistics aside (the rules compute batch
+        statistics without them): with such state every evaluation must start from the same
+        buffers, which only the functional path guarantees."""
+        bn_stats = {id(t) for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    for t in (m.running_mean, m.running_var, m.num_batches_tracked) if t is not None}
+        before = [(n, b, b.clone()) for n, b in self.model.named_buffers() if id(b) not in bn_stats]
         with preserved_buffers(self.model), forbid_randomness(x.device):
-            out = self.root(x)
+            out = self.root(x.clone())  # a forward that writes into its input must not change x
+            now = dict(self.model.named_buffers())
+            changed = [n for n, b, v in before if now.get(n) is not b or not torch.equal(b, v)]
         if not isinstance(out, torch.Tensor):
             hint = ("pass output_fn= to select the tensor the loss takes, e.g. output_fn=lambda out: out[0] "
                     "or output_fn=lambda out: out['logits']") if self.output_fn is None else \
                 "output_fn must return a tensor"
             raise TypeError(f"the model's output is a {type(out).__name__}, not a tensor: {hint}")
-        return out
+        return out, changed
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, targets, coords: dict, mu: float, *, on_chunk=None):
@@ -418,12 +460,17 @@ class DeltaEngine:
         with model_lock(self.model), preserved_buffers(self.model):
             check_no_dropout(self.model)
             self.modules = dict(self.root.named_modules())
-            reference = self._eager_output(x)
+            reference, changed = self._eager_output(x)
             why = "strategy='functional'"
-            if self.strategy == "delta":
+            if changed:
+                why = f"the forward updates buffers {changed[:3]}"
+            elif _global_hooks_registered():
+                why = "global module hooks are registered (the rules would skip them)"
+            elif self.strategy == "delta":
                 tr = self._trace()
-                why = tr.why
-                if tr.graph is not None:
+                why = tr.why or _traced_over_hooks(tr.graph, self.root)
+                self._constants = tr.constants
+                if not why:
                     check_no_dropout(self.model, tr.graph)
                     base = self.base_pass(tr.graph, x)
                     yb = base[next(n for n in tr.graph.nodes if n.op == "output")]
@@ -545,8 +592,8 @@ class DeltaEngine:
         k = pert.shape[0]
         buffers = {n: b.detach().unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in model.named_buffers()}
 
-        def run(w, bufs):
-            return select(torch.func.functional_call(model, ({**params, name: w}, bufs), (x,)))
+        def run(w, bufs):  # x.clone(): a forward that writes into its input must see the same x each time
+            return select(torch.func.functional_call(model, ({**params, name: w}, bufs), (x.clone(),)))
 
         with forbid_randomness(x.device):
             return vmap_or_loop(run, (pert, buffers), (0, 0), 0, k)

@@ -337,7 +337,7 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, outpu
     with model_lock(model), preserved_buffers(model), forbid_randomness(x.device):
         params = {n: p.detach() for n, p in model.named_parameters()}
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-        base_out = select(model(x))
+        base_out = select(model(x.clone()))  # clones: a forward that writes into its input sees the same x
         if not isinstance(base_out, torch.Tensor):
             raise TypeError(f"the model's output is a {type(base_out).__name__}, not a tensor: pass output_fn= "
                             "to select the tensor the loss takes, e.g. output_fn=lambda out: out[0]")
@@ -357,7 +357,7 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, outpu
             bufs = {n: b.unsqueeze(0).repeat((k,) + (1,) * b.dim()) for n, b in buffers.items()}
 
             def run(pp, bb):
-                return select(torch.func.functional_call(model, ({**fixed, **pp}, bb), (x,)))
+                return select(torch.func.functional_call(model, ({**fixed, **pp}, bb), (x.clone(),)))
 
             out = vmap_or_loop(run, (pert, bufs), (0, 0), 0, k)
             b = x.shape[0]

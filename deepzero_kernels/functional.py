@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["forbid_randomness", "model_lock", "preserved_buffers", "vmap_or_loop"]
+__all__ = ["forbid_randomness", "has_hooks", "model_lock", "preserved_buffers", "vmap_or_loop"]
 
 
 def vmap_or_loop(fn, args: tuple, in_dims: tuple, out_dims, k: int):
@@ -56,15 +56,38 @@ def model_lock(model: nn.Module) -> threading.RLock:
 
 @contextlib.contextmanager
 def preserved_buffers(model: nn.Module):
-    """Restore every buffer (BatchNorm running statistics, counters) on exit: a train-mode
-    forward updates them, an estimate must not."""
+    """Restore the model as it was on exit: every buffer's values (a train-mode forward updates
+    BatchNorm running statistics) and every module's attributes, parameters, buffers and
+    submodules by identity (a forward that assigns ``self.avg = ...`` or caches ``self.feat = h``,
+    a reparametrisation hook that sets ``module.weight``, tracing, which runs the forward on
+    proxies). An estimate must leave no trace in the model."""
+    mods = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
     saved = [(b, b.clone()) for b in model.buffers()]
     try:
         yield
     finally:
+        for m, attrs, params, bufs, subs in mods:
+            for store, old in ((m._parameters, params), (m._buffers, bufs), (m._modules, subs)):
+                if store.keys() != old.keys() or any(store[k] is not v for k, v in old.items()):
+                    store.clear()
+                    store.update(old)
+            for k in [k for k in m.__dict__ if k not in attrs]:
+                del m.__dict__[k]
+            for k, v in attrs.items():
+                if m.__dict__.get(k, _MISSING) is not v:
+                    m.__dict__[k] = v
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+
+
+_MISSING = object()
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs its own forward hooks, which a delta rule computing from
+    the module's weights would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def _rng_states(device: torch.device):

@@ -33,6 +33,7 @@ from torch.fx import Node
 
 from .deltas import ChannelDelta, DenseDelta, DenseValue, to_values
 from .formulas import bn_running_scale, conv_padding, conv_weight_coords, pool_out
+from .functional import has_hooks
 from .rules import uses_batch_stats
 
 __all__ = ["Fused", "LossDelta", "fused_source", "fused_node"]
@@ -122,19 +123,24 @@ def _unchanged_operand(ctx, add: Node, prev: Node):
     return other
 
 
+def _ends_chain(ctx, n) -> bool:
+    """A node where the parameter enters again (a module applied twice), or a module with hooks
+    (which must run as the model runs them), is never inside a chain."""
+    return n is not None and (n in ctx.sources or (n.op == "call_module" and has_hooks(ctx.module(n))))
+
+
 def _match(ctx, head: Node, *, at_head: bool, allow_gap: bool) -> _Chain:
     """The longest chain that starts at ``head`` (``at_head``) or right after it."""
     ch = _Chain()
     cur, nxt = (head.args[0], head) if at_head else (head, _sole_user(head))
-    if nxt in ctx.sources:
+    if _ends_chain(ctx, nxt):
         nxt = None
     h, w = ctx.base(cur).shape[-2:]
 
     def step(n):
         ch.nodes.append(n)
         user = _sole_user(n)
-        # A node where the parameter enters again (a module applied twice) ends the chain.
-        return n, None if user in ctx.sources else user
+        return n, None if _ends_chain(ctx, user) else user
 
     if nxt is not None and _bn2d(ctx, nxt) is not None and nxt.args[0] is cur:
         ch.bn = nxt

@@ -117,7 +117,7 @@ def param_sources(graph: fx.Graph, root: nn.Module, modules: dict) -> dict:
         elif n.op == "get_attr":
             obj = root
             for part in n.target.split("."):
-                obj = getattr(obj, part)
+                obj = getattr(obj, part, None)  # None: a constant tracing created, not a parameter
             if isinstance(obj, torch.Tensor):
                 out.setdefault(id(obj), []).append((n, None))
     return out
@@ -145,14 +145,35 @@ def last_uses(nodes) -> dict:
 
 def structure_signature(model: nn.Module) -> tuple:
     """What a trace depends on, cheap to recompute on every call: module and parameter identities,
-    shapes, dtypes and devices, train/eval flags, plain attributes (which Python control flow
-    may read) and hooks. Any change means the model must be traced again."""
+    shapes, dtypes and devices, train/eval flags, plain attributes and small containers of them
+    (which Python control flow may read: ``self.use_skip``, ``self.flags["skip"]``) and hooks.
+    Any change means the model must be traced again."""
     mods = []
     for name, m in model.named_modules(remove_duplicate=False):
-        plain = tuple((k, v) for k, v in m.__dict__.items() if isinstance(v, (bool, int, float, str, type(None))))
+        attrs = tuple((k, _fingerprint(v)) for k, v in m.__dict__.items()
+                      if k not in ("_parameters", "_buffers", "_modules") and not isinstance(v, torch.Tensor))
         hooks = (len(m._forward_hooks), len(m._forward_pre_hooks))
-        mods.append((name, id(m), type(m), plain, hooks, id(m.__dict__.get("forward"))))
+        mods.append((name, id(m), type(m), attrs, hooks))
     params = tuple((n, id(p), tuple(p.shape), p.dtype, p.device, p.requires_grad)
                    for n, p in model.named_parameters(remove_duplicate=False))
     bufs = tuple((n, id(b), tuple(b.shape), b.dtype) for n, b in model.named_buffers(remove_duplicate=False))
     return tuple(mods), params, bufs
+
+
+_PLAIN = (bool, int, float, str, bytes, type(None))
+
+
+def _fingerprint(v, depth: int = 0):
+    """A hashable summary of an attribute: plain values themselves, small containers and simple
+    config objects by content, anything else by identity."""
+    if isinstance(v, _PLAIN):
+        return v
+    if depth < 3 and isinstance(v, (list, tuple, set, frozenset)) and len(v) <= 64:
+        items = sorted(v, key=repr) if isinstance(v, (set, frozenset)) else v
+        return (type(v).__name__,) + tuple(_fingerprint(e, depth + 1) for e in items)
+    if depth < 3 and isinstance(v, dict) and len(v) <= 64:
+        return ("dict",) + tuple((repr(k), _fingerprint(e, depth + 1)) for k, e in v.items())
+    if depth < 2 and not isinstance(v, (nn.Module, torch.Tensor)) and hasattr(v, "__dict__") \
+            and not callable(v) and len(vars(v)) <= 64:
+        return (type(v).__name__,) + tuple((k, _fingerprint(e, depth + 1)) for k, e in vars(v).items())
+    return ("id", id(v))

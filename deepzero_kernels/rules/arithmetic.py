@@ -48,7 +48,10 @@ def sub(ctx, node):
 @rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
 def scale(ctx, node):
     """Multiplication by a constant number is linear: scale the delta."""
-    a, b = node.args[0], node.args[1]
+    if len(node.args) + len(node.kwargs) != 2:
+        return NotImplemented
+    a = node.args[0] if node.args else node.kwargs.get("input")
+    b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
     if isinstance(a, Node) and isinstance(b, (int, float)):
         r, s = ctx.rep(a), b
     elif isinstance(b, Node) and isinstance(a, (int, float)):

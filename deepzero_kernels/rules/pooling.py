@@ -15,8 +15,8 @@ def _pool(ctx, node, linear: bool):
         return NotImplemented
     x = first_input(node)
     rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
-    if isinstance(yb, (tuple, list)) or xb.dim() < 3:
-        return NotImplemented  # return_indices=True, or an unbatched input
+    if isinstance(yb, (tuple, list)) or xb.dim() != _spatial_rank(ctx, node) + 2:
+        return NotImplemented  # return_indices=True, or an unbatched input (channel dim not dim 1)
     fn = as_function(ctx, node)
     if isinstance(rep, ChannelPreReLU) and (not true_layout(rep, xb) or linear):
         rep = ctx.reps[x] = rep.materialize()
@@ -40,6 +40,13 @@ def _pool(ctx, node, linear: bool):
     if linear and isinstance(rep, DenseDelta):
         return DenseDelta(unflat(fn(flat(rep.values)), b, k))
     return DenseValue(unflat(fn(flat(to_values(rep, xb))), b, k))
+
+
+def _spatial_rank(ctx, node) -> int:
+    """1, 2 or 3: the spatial dims the pooling op takes (from its name: MaxPool2d, avg_pool3d)."""
+    op = type(ctx.module(node)) if node.op == "call_module" else node.target
+    name = getattr(op, "__name__", "")
+    return next((r for r in (1, 2, 3) if name.endswith(f"{r}d")), -1)
 
 
 @rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,

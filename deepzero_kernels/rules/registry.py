@@ -24,7 +24,7 @@ import torch.nn as nn
 from torch.fx import Node
 
 from ..deltas import ChannelPreReLU, DenseValue, kdim
-from ..functional import vmap_or_loop
+from ..functional import has_hooks, vmap_or_loop
 
 __all__ = ["RuleContext", "rule", "source_rule", "find_rule", "find_source_rule", "mixes_channels", "propagate",
            "fallback", "first_input", "as_function", "only_first_changed"]
@@ -119,10 +119,13 @@ def propagate(ctx: RuleContext, node: Node):
         return None
     if not _has_tensor(ctx.base(node)):
         return None  # sizes, dims and other metadata do not depend on the weights
+    module = ctx.module(node) if node.op == "call_module" else None
+    if module is not None and has_hooks(module):
+        return fallback(ctx, node)  # the module's hooks must run: evaluate it as the model would
     out = ctx.fused(node)
     if out is not NotImplemented:
         return out
-    fn = find_rule(node, ctx.module(node) if node.op == "call_module" else None)
+    fn = find_rule(node, module)
     if not getattr(fn, "accepts_pre_relu", False):
         for a in node.all_input_nodes:
             r = ctx.reps.get(a)
