@@ -6,10 +6,16 @@ Public API (see README): fused perturbation ops in :mod:`deepzero_kernels.ops`, 
 """
 __version__ = "0.1.0"
 
-from . import ops
-from .estimators import CGE, RGE, assign_grads
-from .ops import backends
-from .pruning import layer_densities, prune_masks, random_masks, zo_grasp_scores
+# Before torch loads its OpenMP runtime: waiting OpenMP threads sleep instead of spinning, so a
+# busy neighbour on shared cores costs its share of the cores, not 10-40x (see runtime.py).
+from . import runtime as _runtime
+
+_runtime.apply_omp_defaults()
+
+from . import ops  # noqa: E402
+from .estimators import CGE, RGE, assign_grads  # noqa: E402
+from .ops import backends  # noqa: E402
+from .pruning import layer_densities, prune_masks, random_masks, zo_grasp_scores  # noqa: E402
 
 __all__ = ["CGE", "RGE", "assign_grads", "backends", "layer_densities", "ops", "prune_masks",
            "random_masks", "zo_grasp_scores"]

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as D
+from .runtime import rss_bytes
 from .models import build_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -571,6 +572,71 @@ def _log(msg: str, progress: bool) -> None:
         print(msg, flush=True)
 
 
+def _gib(n) -> str:
+    return "?" if n is None else f"{n / (1 << 30):.2f}G"
+
+
+def _hms(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _run_eta(t_start: float, done_steps: int, total_steps: int) -> str:
+    """Time left for the whole run (the bar's own estimate covers the epoch)."""
+    spent = time.perf_counter() - t_start
+    return _hms(spent / max(done_steps, 1) * (total_steps - done_steps)) if done_steps else "?"
+
+
+class _StepProgress:
+    """``on_chunk`` callback of a CGE step: refreshes the bar about once a second with the
+    perturbations done in the step, the epoch's rate and the resident memory, so a step that
+    takes minutes (ResNet-20) still shows progress."""
+
+    def __init__(self, bar, ep: dict):
+        self.bar, self.ep = bar, ep
+        self.t0 = self.last = time.perf_counter()
+        self.n = 0
+
+    def __call__(self, name, k, *_):
+        self.n += k
+        now = time.perf_counter()
+        if now - self.last >= 1.0:
+            self.last = now
+            rate = (self.ep["perturbations"] + self.n) / max(self.ep["seconds"] + now - self.t0, 1e-9)
+            self.bar.set_postfix_str(f"step: {self.n} pert, {name}; {rate:.0f} pert/s; rss {_gib(rss_bytes())}")
+
+
+def setup_summary(cfg: dict, device: torch.device) -> str:
+    """The first line of a run: backend, device, threads and memory budget in use."""
+    from .runtime import thread_settings
+    if cfg["estimator"] == "fo" and cfg["sparsity_method"] != "zo_grasp":
+        backend = "none (first-order backprop)"
+    else:
+        from .kernels import available
+        from .ops import resolve_backend
+        try:
+            name = resolve_backend(cfg["backend"], device)  # may build the native kernels (first use)
+            why = "" if name == "torch" else f"; {available(device)[name][1]}"
+            if name == "native" and device.type == "cpu":
+                import deepzero_kernels._native as nat
+                why += f", {nat.cpu_isa()}"
+            backend = f"{name} (--backend {cfg['backend']}{why})"
+        except ValueError as e:
+            backend = f"{cfg['backend']}: {e}"
+    budget = cfg.get("memory_budget")
+    if budget:
+        budget_s = f"{budget / (1 << 30):.2f} GiB per chunk (--memory-budget)"
+    else:
+        try:
+            from .engine import default_memory_budget
+            budget_s = f"{default_memory_budget(device) / (1 << 30):.2f} GiB per chunk (engine default)"
+        except (ImportError, RuntimeError):
+            budget_s = "engine default"
+    rss = rss_bytes()
+    return (f"backend {backend}; device {device}; threads: {thread_settings()}; memory budget {budget_s}"
+            + (f"; resident {rss / (1 << 30):.2f} GiB" if rss else ""))
+
+
 def run(cfg: dict, log=None) -> dict:
     """Train with the resolved config ``cfg`` (see :func:`parse_args`); returns a summary dict.
     Raises :class:`CheckpointError` for unusable checkpoints and ``KeyboardInterrupt`` is turned
@@ -616,6 +682,7 @@ def run(cfg: dict, log=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, LRSchedule(cfg["scheduler"], round(cfg["warmup_epochs"] * steps_per_epoch), total_steps))
 
+    log(setup_summary(cfg, device))
     est_name = cfg["estimator"]
     zo_mu = est_name != "fo" or cfg["sparsity_method"] == "zo_grasp"  # is --mu used at all
     if zo_mu:
@@ -658,7 +725,7 @@ def run(cfg: dict, log=None) -> dict:
             else:
                 est = dz.CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"])
         else:
-            est = dz.RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active, backend=cfg["backend"])
+            est = dz.RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active)
 
     # ---- state that the checkpoint carries
     state = {"epoch": 0, "step": 0, "perm": None, "history": [], "best_acc": -1.0, "best_epoch": 0,
@@ -775,8 +842,9 @@ def run(cfg: dict, log=None) -> dict:
                         out, loss_val, perts, fwd = out.detach(), loss.item(), 0, 3  # fwd + bwd ~ 3 fwd
                     else:
                         before = est.num_perturbations
-                        if est_name == "cge":
-                            est.backward(x, y, masks=masks)
+                        if est_name == "cge":  # live pert/s and memory during a long step
+                            est.backward(x, y, masks=masks, **({} if dist_on or not progress else
+                                                               {"on_chunk": _StepProgress(bar, ep)}))
                         else:
                             est.backward(x, y, generator=gens["est"])
                             # Unit-norm directions give E[g] = grad / d: rescale to an unbiased
@@ -828,7 +896,9 @@ def run(cfg: dict, log=None) -> dict:
                     bar.update(1)
                     bar.set_postfix(loss=f"{ep['loss'] / ep['n']:.3f}", acc=f"{100 * ep['correct'] / ep['n']:.1f}",
                                     lr=f"{opt.param_groups[0]['lr']:.4f}",
-                                    pert_s=f"{ep['perturbations'] / max(ep['seconds'], 1e-9):.0f}", refresh=False)
+                                    pert_s=f"{ep['perturbations'] / max(ep['seconds'], 1e-9):.0f}",
+                                    eta=_run_eta(t_start, epoch * steps_per_epoch + state["step"], total_steps),
+                                    rss=_gib(rss_bytes()), refresh=False)
                     _on_step_end(epoch, state["step"])
                     if sigint.requested:
                         raise KeyboardInterrupt
