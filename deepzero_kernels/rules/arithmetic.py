@@ -1,4 +1,4 @@
-"""Arithmetic rules: sums and differences add deltas; scaling by a number scales them."""
+"""Arithmetic rules: sums and differences add deltas; products follow the product rule."""
 from __future__ import annotations
 
 import operator
@@ -6,7 +6,7 @@ import operator
 import torch
 from torch.fx import Node
 
-from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, expand_base, to_values
+from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, expand_base, gather_channels, to_values, true_layout
 from .registry import rule
 
 
@@ -46,18 +46,52 @@ def sub(ctx, node):
 
 
 @rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
-def scale(ctx, node):
-    """Multiplication by a constant number is linear: scale the delta."""
+def mul(ctx, node):
+    """``a * b``: scaling by a number scales the delta; the product of tensors follows the product
+    rule ``d(ab) = da b + a db + da db`` (exact), with a one-channel delta kept one channel when
+    the other factor is unchanged (squeeze-excitation gates, layer scale)."""
     if len(node.args) + len(node.kwargs) != 2:
         return NotImplemented
     a = node.args[0] if node.args else node.kwargs.get("input")
     b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
     if isinstance(a, Node) and isinstance(b, (int, float)):
-        r, s = ctx.rep(a), b
-    elif isinstance(b, Node) and isinstance(a, (int, float)):
-        r, s = ctx.rep(b), a
-    else:
+        return _scaled(ctx.rep(a), b)
+    if isinstance(b, Node) and isinstance(a, (int, float)):
+        return _scaled(ctx.rep(b), a)
+    if not (isinstance(a, Node) and isinstance(b, Node)):
         return NotImplemented
+    yb = ctx.base(node)
+    ra, rb = ctx.rep(a), ctx.rep(b)
+    fa, fb = _factor(ctx.base(a), yb), _factor(ctx.base(b), yb)
+    if fa is None or fb is None:
+        return NotImplemented  # a factor whose layout the K dim cannot be added to
+    for n, r in ((a, ra), (b, rb)):
+        if r is not None and (not isinstance(ctx.base(n), torch.Tensor) or ctx.base(n).dim() != yb.dim()
+                              or ctx.base(n).shape[0] != yb.shape[0]):
+            return NotImplemented  # a changed factor must carry the batch dim
+    if rb is None or ra is None:  # one factor unchanged: the delta times that factor
+        (r, n), (other, other_base) = ((ra, a), (fb, ctx.base(b))) if rb is None else ((rb, b), (fa, ctx.base(a)))
+        if isinstance(r, DenseValue):
+            return DenseValue(r.values * other)
+        if isinstance(r, ChannelDelta) and true_layout(r, yb) and ctx.base(n).shape == yb.shape:
+            return ChannelDelta(r.index, r.values * gather_channels(other_base.expand(yb.shape), r), r.view)
+        return DenseDelta(densify(r, ctx.base(n)) * other)
+    if isinstance(ra, DenseValue) or isinstance(rb, DenseValue):
+        return DenseValue(to_values(ra, ctx.base(a)) * to_values(rb, ctx.base(b)))
+    da, db = densify(ra, ctx.base(a)), densify(rb, ctx.base(b))
+    return DenseDelta(da * fb + fa * db + da * db)
+
+
+def _factor(base, yb):
+    """A base factor shaped to broadcast against ``(B, K, ...)`` deltas of ``yb``, or None."""
+    if not isinstance(base, torch.Tensor):
+        return None
+    if base.dim() == yb.dim():
+        return expand_base(base)  # has the batch dim (possibly of size 1): insert K after it
+    return base if base.dim() < yb.dim() else None  # aligns with trailing dims, below the K dim
+
+
+def _scaled(r, s):
     if isinstance(r, ChannelDelta):
         return ChannelDelta(r.index, r.values * s, r.view)
     return type(r)(r.values * s)

@@ -114,10 +114,20 @@ def conv_source(ctx, node, path, param, idx, mu):
 
 @source_rule(nn.Linear)
 def linear_source(ctx, node, path, param, idx, mu):
-    """``W[i,j] += mu`` changes output coordinate i by ``mu * x[:, j]``; ``b[i] += mu`` by mu."""
+    """``W[i,j] += mu`` changes output coordinate i by ``mu * x[..., j]``; ``b[i] += mu`` by mu.
+    On ``(B, T, D)`` inputs the changed coordinate is the last dim, not a channel: the delta is
+    dense, but still costs no matmul."""
     xb, yb = ctx.base(node.args[0]), ctx.base(node)
-    if xb.dim() != 2:
+    if xb.dim() < 2:
         return None
+    if xb.dim() > 2:
+        k = idx.numel()
+        i, vals = (linear_weight_delta(xb, param.shape, idx, mu) if path == "weight"
+                   else (idx, yb.new_full(tuple(yb.shape[:-1]) + (k,), mu)))  # vals (B, ..., K)
+        full = yb.new_zeros((yb.shape[0], k) + tuple(yb.shape[1:]))
+        ks = torch.arange(k, device=full.device)
+        full.movedim(-1, 2)[:, ks, i] = vals.movedim(-1, 1)  # (B, K, N_out, ...) view, set coordinate i[k]
+        return DenseDelta(full)
     if path == "weight":
         i, vals = linear_weight_delta(xb, param.shape, idx, mu)
         return ChannelDelta(i, vals, tuple(yb.shape[1:]))

@@ -1,4 +1,5 @@
-"""Shape rules: flatten/view/reshape, basic indexing and padding move a delta without arithmetic."""
+"""Shape rules: flatten/view/reshape, basic indexing, padding, concatenation and mean/sum over
+non-batch dims move a delta without nonlinear arithmetic."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,10 @@ import operator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx import Node
 
-from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, flat, kdim, true_layout, unflat
+from ..deltas import (ChannelDelta, DenseDelta, DenseValue, densify, expand_base, flat, kdim, to_values, true_layout,
+                      unflat)
 from .registry import first_input, only_first_changed, rule
 
 
@@ -92,3 +95,75 @@ def pad(ctx, node):
         return DenseValue(unflat(F.pad(flat(rep.values), widths, mode=mode, **kw), b, k))
     # Padding is linear in the input (a constant pad value cancels in the delta).
     return DenseDelta(unflat(F.pad(flat(rep.values), widths, mode=mode), b, k))
+
+
+@rule(torch.cat, torch.concat)
+def cat(ctx, node):
+    """Concatenation along channels: a one-channel delta stays one channel, at its offset; other
+    deltas are concatenated with zeros (DenseDelta) or base values (DenseValue)."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    yb = ctx.base(node)
+    if not isinstance(parts, (list, tuple)) or not isinstance(dim, int) or yb.dim() < 2:
+        return NotImplemented
+    dim = dim % yb.dim()
+    if dim == 0:
+        return NotImplemented  # joins batches
+    reps = [ctx.rep(t) if isinstance(t, Node) else None for t in parts]
+    bases = [ctx.base(t) for t in parts]
+    changed = [i for i, r in enumerate(reps) if r is not None]
+    offsets = [0]
+    for b in bases:
+        offsets.append(offsets[-1] + b.shape[dim])
+    if dim == 1 and len(changed) == 1 and isinstance(reps[changed[0]], ChannelDelta) \
+            and true_layout(reps[changed[0]], bases[changed[0]]):
+        r = reps[changed[0]]
+        return ChannelDelta(r.index + offsets[changed[0]], r.values, tuple(yb.shape[1:]))
+    if any(isinstance(r, DenseValue) for r in reps):
+        vals = [to_values(r, b) if r is not None else None for r, b in zip(reps, bases)]
+        k = ctx.k
+        vals = [v if v is not None else expand_base(b).expand((b.shape[0], k) + tuple(b.shape[1:]))
+                for v, b in zip(vals, bases)]
+        return DenseValue(torch.cat(vals, dim + 1))
+    b0, k = yb.shape[0], ctx.k
+    deltas = [densify(r, b) if r is not None else b.new_zeros((b0, k) + tuple(b.shape[1:]))
+              for r, b in zip(reps, bases)]
+    return DenseDelta(torch.cat(deltas, dim + 1))
+
+
+def _reduce_dims(ctx, node):
+    """(dims, keepdim) of ``x.mean(dims)`` / ``torch.sum(x, dims, keepdim)`` over non-batch dims."""
+    x = node.args[0]
+    rank = ctx.base(x).dim()
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if dims is None or "dtype" in node.kwargs or not isinstance(keepdim, bool):
+        return None
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    dims = tuple(sorted(d % rank for d in dims))
+    return (dims, keepdim) if 0 not in dims else None
+
+
+@rule(torch.mean, torch.sum, "mean", "sum")
+def reduce_mean_sum(ctx, node):
+    """Mean or sum over non-batch dims is linear: reduce the delta (a one-channel delta stays one
+    channel when the channel dim is kept)."""
+    if not only_first_changed(ctx, node):
+        return NotImplemented
+    spec = _reduce_dims(ctx, node)
+    if spec is None:
+        return NotImplemented
+    dims, keepdim = spec
+    x = first_input(node)
+    rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    op = torch.mean if name == "mean" else torch.sum
+    if isinstance(rep, ChannelDelta) and true_layout(rep, xb) and 1 not in dims:
+        out = op(rep.values, [d for d in dims], keepdim=keepdim)  # (B, K, *inner): same dim numbers
+        return ChannelDelta(rep.index, out, tuple(yb.shape[1:]))
+    if isinstance(rep, ChannelDelta):
+        rep = DenseDelta(densify(rep, xb))
+    out = op(rep.values, [d + 1 for d in dims], keepdim=keepdim)  # the K dim sits at 1
+    return type(rep)(out)
