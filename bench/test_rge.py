@@ -64,7 +64,7 @@ def test_rge(benchmark, rge_method, mode, conv_rate):
         fn = lambda: B.rge_loop(model, x, y, dirs, W.MU)  # noqa: E731
         rounds, warmup = S["base_rounds"], 0
     else:
-        rge = RGE(model, mu=W.MU, q=q)
+        rge = RGE(model, mu=W.MU, q=q, scale="paper")  # eq. (1) as printed, as the loop computes
         fn = lambda: rge.estimate(x, y, directions=u)  # noqa: E731
         rounds, warmup = S["rounds"], S["warmup"]
 
@@ -82,7 +82,7 @@ def test_rge(benchmark, rge_method, mode, conv_rate):
     u64 = u.double()
     ref = B.rge_loop(m64, x.double(), y, _as_dicts(m64, names, u64), W.MU)
     if rge_method != "loop":
-        rge64 = RGE(m64, mu=W.MU, q=q)
+        rge64 = RGE(m64, mu=W.MU, q=q, scale="paper")
         g64 = rge64.estimate(x.double(), y, directions=u64)
         for n in names:
             torch.testing.assert_close(g64[n], ref[n], rtol=1e-6, atol=1e-10)

@@ -272,12 +272,13 @@ def synthetic(shape: Sequence[int] = (3, 32, 32), num_classes: int = 10, n_train
 def load_dataset(name: str, data_dir: Optional[str] = None, *, augment: bool = True,
                  synthetic_shape: Sequence[int] = (3, 32, 32), synthetic_n: Tuple[int, int] = (512, 256),
                  seed: int = 0) -> Dataset:
-    """Dispatch by name: ``digits``, ``cifar10`` (needs ``data_dir``), ``synthetic``."""
+    """Dispatch by name: ``digits``, ``cifar10`` (needs ``data_dir``), ``synthetic`` (the one
+    dataset dispatch; the trainer calls it with its flags)."""
     if name == "digits":
         return digits()
     if name == "cifar10":
         if not data_dir:
-            raise ValueError(f"cifar10 needs a data directory (download from {CIFAR10_URL})")
+            raise DatasetError(f"cifar10 needs a data directory (download from {CIFAR10_URL})")
         return cifar10(data_dir, augment=augment)
     if name == "synthetic":
         return synthetic(synthetic_shape, n_train=synthetic_n[0], n_test=synthetic_n[1], seed=seed)

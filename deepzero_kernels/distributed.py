@@ -29,7 +29,7 @@ from .functional import preserved_buffers
 from .graph import param_sources
 from .estimators import CGE, assign_grads, check_masks
 
-__all__ = ["DistributedCGE", "partition", "init_from_env", "flop_costs"]
+__all__ = ["DistributedCGE", "partition", "init_from_env", "flop_costs", "broadcast_masks"]
 
 
 def init_from_env(timeout_s: float = 300.0, backend: str | None = None) -> bool:
@@ -45,6 +45,17 @@ def init_from_env(timeout_s: float = 300.0, backend: str | None = None) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return True
+
+
+def broadcast_masks(masks: dict, src: int = 0, process_group=None) -> dict:
+    """Overwrite every rank's masks, in place, with rank ``src``'s (the trainer draws them from
+    the same seeds everywhere; this makes sure). Every rank must pass the same names and shapes
+    in the same order. Bool tensors travel as uint8 (gloo has no bool). Returns ``masks``."""
+    for m in masks.values():
+        u8 = m.to(torch.uint8)
+        dist.broadcast(u8, src, group=process_group)
+        m.copy_(u8.bool())
+    return masks
 
 
 def partition(counts: list, costs: list, world: int) -> list:

@@ -256,15 +256,27 @@ class CGE(_Estimator):
 class RGE(_Estimator):
     """Randomized gradient estimate, eq. (1):
     ``g = (1/q) sum_i (l(theta + mu u_i) - l(theta)) / mu * u_i`` with unit-norm Gaussian
-    directions ``u_i`` over all trainable parameters (so ``E[g] ~ grad / d``). The q
-    perturbed models are evaluated in batches (``torch.func.vmap``), not one by one. ``loss_fn``
-    follows the same black-box contract as :class:`CGE`'s, and queries are counted the same
-    way (1 + number of chunks of directions calls, B * (1 + q) samples per estimate).
+    directions ``u_i`` over all trainable parameters. The q perturbed models are evaluated in
+    batches (``torch.func.vmap``), not one by one. ``loss_fn`` follows the same black-box
+    contract as :class:`CGE`'s, and queries are counted the same way (1 + number of chunks of
+    directions calls, B * (1 + q) samples per estimate).
+
+    ``scale``: unit-norm directions give ``E[u u^T] = I / d``, so eq. (1) as printed has
+    expectation ``~ grad / d`` (d: the number of perturbed coordinates, all trainable
+    parameters or those of ``names``). ``"unbiased"`` (default) multiplies eq. (1) by d, so
+    ``E[g] ~ grad`` and one learning rate serves RGE, CGE and backprop alike; ``"paper"`` is
+    eq. (1) as printed (exactly the unbiased estimate divided by d).
     """
 
-    def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, chunk_size=None, output_fn=None):
+    SCALES = ("unbiased", "paper")
+
+    def __init__(self, model, loss_fn=None, mu=5e-3, q=1, *, chunk_size=None, output_fn=None,
+                 scale="unbiased"):
         super().__init__(model, loss_fn, mu)
         self.q = check_count("q", q)
+        if scale not in self.SCALES:
+            raise ValueError(f"scale must be one of {', '.join(map(repr, self.SCALES))}, got {scale!r}")
+        self.scale = scale
         self.chunk_size = None if chunk_size is None else check_count("chunk_size", chunk_size)
         if output_fn is not None and not callable(output_fn):
             raise TypeError(f"output_fn must be callable, got {type(output_fn).__name__}")
@@ -314,6 +326,8 @@ class RGE(_Estimator):
         self.num_perturbations += u.shape[0]
         coef = diffs.mean(1) / self.mu  # (q,)
         flat = (coef.to(u.dtype)[:, None] * u).sum(0) / u.shape[0]
+        if self.scale == "unbiased":
+            flat = flat * u.shape[1]  # E[u u^T] = I / d for unit directions over d coordinates
         grads, off = {}, 0
         for n, p in params.items():
             if n in names:

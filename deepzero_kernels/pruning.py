@@ -25,7 +25,8 @@ _PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def prunable_weights(model: nn.Module) -> list[str]:
-    """Names of the conv and linear weights (the parameters masks apply to)."""
+    """Names of the trainable conv (1d/2d/3d) and linear weights: the parameters that ZO-GraSP
+    scores and masks apply to (the trainer's sparsity, too)."""
     names = []
     for mod_name, m in model.named_modules():
         if isinstance(m, _PRUNABLE) and m.weight.requires_grad:
@@ -39,7 +40,7 @@ def zo_hessian_gradient(model, x, y, *, names=None, q=192, mu=5e-3, loss_fn=None
     ``Hg ~ (g(theta + mu g) - g(theta)) / mu`` with ``g`` the RGE estimate over q directions.
     Returns ``(hg, g)``, dicts over ``names``. Parameters are restored bitwise."""
     names = prunable_weights(model) if names is None else list(names)
-    rge = RGE(model, loss_fn, mu, q)
+    rge = RGE(model, loss_fn, mu, q, scale="paper")  # eq. (3) with g from eq. (1) as printed
     u = rge.directions(names, generator)
     g0 = rge.estimate(x, y, names=names, directions=u)
     with model_lock(model):  # the parameters are shifted in place: no other estimate may run meanwhile

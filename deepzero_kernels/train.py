@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -25,8 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as D
-from .runtime import rss_bytes
+from .estimators import CGE, RGE
 from .models import build_model
+from .ops import check_mu
+from .pruning import layer_densities, prunable_weights, prune_masks, random_masks, zo_grasp_scores
+from .runtime import rss_bytes
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "deepzero_kernels.train/1"
@@ -354,15 +358,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_data(cfg) -> D.Dataset:
-    if cfg["dataset"] == "synthetic":
-        return D.synthetic(cfg["synthetic_shape"], n_train=cfg["synthetic_size"][0],
-                           n_test=cfg["synthetic_size"][1], seed=cfg["seed"])
-    if cfg["dataset"] == "cifar10":
-        return D.cifar10(cfg["data_dir"], augment=cfg["augment"])
-    return D.digits()
-
-
 def make_model(cfg, ds: D.Dataset, seed: bool = True) -> nn.Module:
     if seed:
         torch.manual_seed(cfg["seed"])  # model init is the only user of the global RNG
@@ -394,7 +389,7 @@ def check_sizes(cfg, ds: D.Dataset, device: torch.device) -> None:
                         f"built ({e})") from None
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = dict(model.named_parameters())
-    n_prunable = sum(params[k].numel() for k in prunable(model))
+    n_prunable = sum(params[k].numel() for k in prunable_weights(model))
     dev_mem, ram = memory_bytes(device), memory_bytes(torch.device("cpu"))
     if 3 * 4 * n > dev_mem:
         raise UsageError(f"--model {cfg['model']} --width {cfg['width']} --depth {cfg['depth']}: {n:,} parameters "
@@ -409,10 +404,6 @@ def check_sizes(cfg, ds: D.Dataset, device: torch.device) -> None:
         if 8 * cfg["grasp_q"] * n_prunable > ram:
             raise UsageError(f"--grasp-q {cfg['grasp_q']}: ZO-GraSP's directions over {n_prunable:,} weights need "
                             f"{gb(8 * cfg['grasp_q'] * n_prunable)}, more than the {gb(ram)} of memory")
-
-
-def prunable(model: nn.Module) -> list:
-    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 def has_running_stats(model: nn.Module) -> bool:
@@ -637,331 +628,506 @@ def setup_summary(cfg: dict, device: torch.device) -> str:
             + (f"; resident {rss / (1 << 30):.2f} GiB" if rss else ""))
 
 
+# ----------------------------------------------------------------------------- the run, in parts
+def _new_epoch_stats() -> dict:
+    return {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0, "perturbations": 0}
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint carries: the objects that are restored in place (model, optimizer,
+    lr schedule, generators, masks, densities, ZO-GraSP info) and the run's position and counters
+    (the checkpoint's ``state`` entry, keys :data:`COUNTERS`). ``from_checkpoint(to_checkpoint())``
+    continues the run bit for bit; the keys are those of checkpoints written before this class."""
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    gens: dict
+    masks: Optional[dict] = None
+    densities: Optional[dict] = None
+    grasp: dict = field(default_factory=dict)
+    epoch: int = 0
+    step: int = 0
+    perm: Optional[torch.Tensor] = None  # this epoch's data order (None between epochs)
+    history: list = field(default_factory=list)
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    elapsed: float = 0.0
+    perturbations: int = 0
+    forwards: int = 0
+    ep: dict = field(default_factory=_new_epoch_stats)  # the current epoch's running sums
+
+    COUNTERS = tuple(_STATE_FIELDS)
+
+    def to_checkpoint(self, config: dict) -> dict:
+        return {"format": FORMAT, "config": config, "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "masks": None if self.masks is None else {k: v.cpu() for k, v in self.masks.items()},
+                "densities": self.densities, "grasp": self.grasp,
+                "rng": {**{k: g.get_state() for k, g in self.gens.items()}, "torch": torch.get_rng_state()},
+                "state": {k: getattr(self, k) for k in self.COUNTERS}}
+
+    @classmethod
+    def from_checkpoint(cls, ck: dict, model, opt, sched, gens: dict, device) -> "TrainState":
+        """Load ``ck`` (as :func:`load_checkpoint` returns it) into freshly built ``model``,
+        ``opt``, ``sched`` and ``gens`` (and torch's global RNG). Raises KeyError, RuntimeError,
+        ValueError or TypeError when they do not fit the checkpoint."""
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        for k, g in gens.items():
+            g.set_state(ck["rng"][k])
+        torch.set_rng_state(ck["rng"]["torch"])
+        masks = None if ck["masks"] is None else {k: v.to(device) for k, v in ck["masks"].items()}
+        return cls(model, opt, sched, gens, masks, ck["densities"], ck["grasp"],
+                   **{k: ck["state"][k] for k in cls.COUNTERS})
+
+
+class Checkpointer:
+    """The checkpoint of a run directory. Writes are atomic (:func:`atomic_write_bytes`), so the
+    file there is always the last good checkpoint; loads are checked field by field and raise
+    :class:`CheckpointError`. Writes nothing without ``out_dir`` or when not ``enabled``
+    (torchrun ranks other than 0)."""
+
+    def __init__(self, out_dir: Optional[str], enabled: bool = True):
+        self.out_dir = out_dir
+        self.enabled = out_dir is not None and enabled
+        self.path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT)
+
+    def load(self, config: dict) -> dict:
+        return load_checkpoint(self.out_dir, config)
+
+    def claim(self) -> None:
+        """A fresh run: refuse a directory that already holds a run, create it otherwise."""
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):
+            raise CheckpointError(f"--out {self.out_dir} already holds a run ({CHECKPOINT}); resume it with "
+                                  f"--resume {self.out_dir} or choose another directory")
+        os.makedirs(self.out_dir, exist_ok=True)
+
+    def save(self, state: TrainState, config: dict) -> None:
+        if self.enabled:
+            ck = state.to_checkpoint(config)
+            atomic_write_bytes(self.path, lambda f: torch.save(ck, f))
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.enabled:
+            atomic_write_text(os.path.join(self.out_dir, name), text)
+
+    def kept(self) -> str:
+        """What a failed run leaves behind (for its error message)."""
+        if self.path and os.path.isfile(self.path):
+            return f"the last good checkpoint {self.path} is kept"
+        return "no checkpoint was written"
+
+
+@dataclass
+class _Run:
+    """What the parts of a run share (wired by :func:`run`)."""
+    cfg: dict
+    semantic: dict  # the config a checkpoint records (without RESUME_FREE flags)
+    device: torch.device
+    ds: D.Dataset
+    est: object  # CGE, DistributedCGE, RGE, or None (first-order backprop)
+    ckpt: Checkpointer
+    log: object
+    progress: bool
+    dist_on: bool
+    steps_per_epoch: int
+    total_steps: int
+    bn_forward: bool  # estimation leaves BN running stats alone: one plain forward updates them
+    t_start: float = 0.0
+    consistent: bool = True  # False mid-step: an interrupt there must not write a checkpoint
+
+
+@dataclass
+class StepStats:
+    """What :func:`train_step` reports about one optimizer step."""
+    loss: float
+    correct: int
+    n: int
+    perturbations: int
+    forwards: int  # forward-equivalents (backprop counts 3)
+    rank_seconds: Optional[list] = None  # torchrun: every rank's estimation time
+
+
+def _start_distributed(cfg: dict) -> tuple:
+    """torchrun (WORLD_SIZE > 1, CGE only): join the process group. Returns ``(on, rank,
+    own_group)``; rank 0 alone writes files and prints."""
+    if not (int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg["estimator"] == "cge"):
+        return False, 0, False
+    import torch.distributed as tdist
+    from .distributed import init_from_env
+    own_group = not tdist.is_initialized()
+    init_from_env(dist_setting(cfg, "dist_timeout"))
+    return True, tdist.get_rank(), own_group
+
+
+def build_optimizer(cfg: dict, model: nn.Module, steps_per_epoch: int) -> tuple:
+    """SGD with momentum and weight decay, and its per-step warm-up + cosine/step schedule."""
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                          weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, LRSchedule(cfg["scheduler"], round(cfg["warmup_epochs"] * steps_per_epoch),
+                        steps_per_epoch * cfg["epochs"]))
+    return opt, sched
+
+
+def _check_mu_flag(cfg: dict, model: nn.Module) -> None:
+    """``--mu`` too small for the weights' resolution is a usage error (where --mu is used)."""
+    if cfg["estimator"] != "fo" or cfg["sparsity_method"] == "zo_grasp":
+        try:
+            check_mu(cfg["mu"], dict(model.named_parameters()))
+        except ValueError as e:
+            raise UsageError(f"--mu {cfg['mu']:g}: {e}") from None
+
+
+def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, device) -> tuple:
+    """Layer densities of ``--sparsity-method`` (None when dense) and ZO-GraSP's cost. ZO-GraSP
+    scores one training batch drawn from its own generator (paper: q = 192, the same mu)."""
+    if cfg["sparsity_method"] == "none":
+        return None, {}
+    if cfg["sparsity_method"] == "random":
+        return {n: 1.0 - cfg["sparsity"] for n in prunable_weights(model)}, {}
+    idx = torch.randperm(ds.x_train.shape[0], generator=gens["grasp"])[:cfg["batch_size"]]
+    xb = ds.prepare(ds.x_train[idx].to(device), train=False)
+    t0 = time.perf_counter()
+    scores = zo_grasp_scores(model, xb, ds.y_train[idx].to(device), q=cfg["grasp_q"], mu=cfg["mu"],
+                             generator=gens["grasp"])
+    densities = layer_densities(prune_masks(scores, cfg["sparsity"]))
+    return densities, {"seconds": time.perf_counter() - t0, "queries": 2 * cfg["grasp_q"] + 2}
+
+
+def build_estimator(cfg: dict, model: nn.Module, densities: Optional[dict] = None, *,
+                    distributed: bool = False) -> tuple:
+    """The gradient source of ``--estimator``: CGE (:class:`DistributedCGE` under torchrun), RGE
+    with the unbiased scale (``E[g] ~ grad``, so one lr serves every estimator; q = ``--q`` or
+    as many as CGE's queries), or None for backprop. Returns ``(estimator, d_active)``, d_active
+    being the coordinates CGE estimates per step under ``densities`` (None for backprop)."""
+    if cfg["estimator"] == "fo":
+        return None, None
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    d_active = sum(round(densities[n] * p.numel()) if densities and n in densities else p.numel()
+                   for n, p in params.items())
+    if cfg["estimator"] == "rge":
+        return RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active, scale="unbiased"), d_active
+    kw = {"mu": cfg["mu"], "backend": cfg["backend"], "memory_budget": cfg["memory_budget"]}
+    if distributed:
+        from .distributed import DistributedCGE
+        return DistributedCGE(model, check_every=dist_setting(cfg, "check_every"), **kw), d_active
+    return CGE(model, **kw), d_active
+
+
+def _restore(rc: _Run, ck: dict, model, opt, sched, gens) -> TrainState:
+    """The state of a resumed run, checked against this run's data."""
+    path = rc.ckpt.path
+    try:
+        state = TrainState.from_checkpoint(ck, model, opt, sched, gens, rc.device)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match the model/optimizer of its config "
+                              f"({type(e).__name__}: {e})") from e
+    if not (state.epoch >= 0 and 0 <= state.step <= rc.steps_per_epoch
+            and (state.step == 0 or state.perm is not None)):
+        raise CheckpointError(f"checkpoint {path} is corrupt (epoch {state.epoch}, step {state.step} "
+                              f"of {rc.steps_per_epoch})")
+    if state.perm is not None and state.perm.numel() != rc.ds.x_train.shape[0]:
+        raise CheckpointError(f"checkpoint was made with {state.perm.numel()} training samples, "
+                              f"the dataset now has {rc.ds.x_train.shape[0]}")
+    rc.log(f"resumed {rc.ckpt.out_dir} at epoch {state.epoch + 1}, step {state.step}")
+    return state
+
+
+def _write_run_files(rc: _Run, state: TrainState, n_params: int, d_active) -> None:
+    """config.json (config and derived sizes) and densities.json of a fresh run."""
+    ds = rc.ds
+    rc.ckpt.write_text("config.json", json.dumps(
+        {"config": rc.semantic, "derived": {"parameters": n_params, "steps_per_epoch": rc.steps_per_epoch,
+                                            "active_coordinates": d_active, "device": str(rc.device),
+                                            "dataset": {"train": ds.x_train.shape[0], "test": ds.x_test.shape[0],
+                                                        "input_shape": list(ds.input_shape)}}},
+        indent=2))
+    dens = state.densities
+    if dens is not None:
+        params = dict(state.model.named_parameters())
+        rc.ckpt.write_text("densities.json", json.dumps(
+            {"sparsity": rc.cfg["sparsity"], "method": rc.cfg["sparsity_method"], "layers": dens,
+             "overall": sum(dens[n] * params[n].numel() for n in dens) / sum(params[n].numel() for n in dens)},
+            indent=2))
+
+
+def _log_start(rc: _Run, state: TrainState, n_params: int, d_active) -> None:
+    cfg, ds = rc.cfg, rc.ds
+    rc.log(f"{cfg['dataset']}: {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test, input "
+           f"{tuple(ds.input_shape)}; model {cfg['model']} ({n_params} parameters); estimator "
+           f"{cfg['estimator']}" + (f" ({d_active} queries/step)" if d_active else "") + f"; device {rc.device}")
+    if state.densities is not None:
+        rc.log("layer densities (" + cfg["sparsity_method"] + "): "
+               + ", ".join(f"{k}={v:.3f}" for k, v in state.densities.items()))
+
+
+def _diverged(rc: _Run, state: TrainState, what: str):
+    raise TrainingDiverged(f"training diverged at epoch {state.epoch + 1}, step {state.step + 1}: {what}; "
+                           f"stopped without saving ({rc.ckpt.kept()}). Lower --lr (now {rc.cfg['lr']:g})")
+
+
+def _check_finite(rc: _Run, state: TrainState, tensors: dict, what: str) -> None:
+    """Stop at the first nan/inf among ``tensors`` (one device sync for all of them)."""
+    flags = [torch.isfinite(t).all() for t in tensors.values()]
+    if flags and not bool(torch.stack(flags).all()):
+        _diverged(rc, state, f"{what} {next(n for n, f in zip(tensors, flags) if not f)} is nan or inf")
+
+
+def start_epoch(rc: _Run, state: TrainState) -> None:
+    """Alg. 2 at an epoch's start: redraw the masks every K_sparse epochs (the same on every
+    rank), then draw the epoch's data order."""
+    if state.densities is not None and state.epoch % rc.cfg["mask_interval"] == 0:
+        state.masks = {k: v.to(rc.device) for k, v in
+                       random_masks(state.model, state.densities, generator=state.gens["mask"]).items()}
+        if rc.dist_on:  # the same seeds give the same masks; rank 0's are sent to be safe
+            from .distributed import broadcast_masks
+            broadcast_masks(state.masks, src=0)
+    state.perm = torch.randperm(rc.ds.x_train.shape[0], generator=state.gens["data"])
+    state.ep = _new_epoch_stats()
+
+
+def _next_batch(rc: _Run, state: TrainState) -> tuple:
+    ds, s, bs = rc.ds, state.step, rc.cfg["batch_size"]
+    idx = state.perm[s * bs:(s + 1) * bs]
+    x = ds.prepare(ds.x_train[idx.to(ds.x_train.device)].to(rc.device), train=True, generator=state.gens["aug"])
+    return x, ds.y_train[idx.to(ds.y_train.device)].to(rc.device)
+
+
+def _gradient(rc: _Run, state: TrainState, x, y, on_chunk=None) -> tuple:
+    """Fill the parameters' ``.grad``; returns ``(output, loss, perturbations, forwards)``."""
+    model, est = state.model, rc.est
+    if est is None:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        return out.detach(), loss.item(), 0, 3  # fwd + bwd ~ 3 fwd
+    before = est.num_perturbations
+    if rc.cfg["estimator"] == "cge":
+        est.backward(x, y, masks=state.masks, **({} if on_chunk is None else {"on_chunk": on_chunk}))
+    else:
+        est.backward(x, y, generator=state.gens["est"])
+    perts = est.num_perturbations - before
+    out, loss_val, fwd = est.last_output, est.last_loss, perts + 1
+    if rc.bn_forward:
+        with torch.no_grad():
+            model(x)
+        fwd += 1
+    return out, loss_val, perts, fwd
+
+
+def train_step(rc: _Run, state: TrainState, x, y, on_chunk=None) -> StepStats:
+    """One optimizer step on ``(x, y)``: the gradient (masked for FO/RGE; CGE estimates only the
+    masked coordinates), finiteness checks, the SGD step, the mu check, the lr schedule. Raises
+    :class:`TrainingDiverged` before the step is recorded. ``on_chunk``: CGE's progress callback."""
+    model = state.model
+    state.opt.zero_grad(set_to_none=True)
+    out, loss_val, perts, fwd = _gradient(rc, state, x, y, on_chunk)
+    if state.masks is not None and rc.cfg["estimator"] != "cge":
+        for n, p in model.named_parameters():  # sparse gradient for FO / RGE
+            if n in state.masks and p.grad is not None:
+                p.grad.mul_(state.masks[n])
+    if not math.isfinite(loss_val):
+        _diverged(rc, state, f"the training loss is {loss_val}")
+    _check_finite(rc, state, {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                  "the gradient of")
+    state.opt.step()
+    _check_finite(rc, state, {**dict(model.named_parameters()),
+                              **{n: b for n, b in model.named_buffers() if b.is_floating_point()}},
+                  "after the update,")
+    if rc.est is not None:
+        try:
+            check_mu(rc.cfg["mu"], dict(model.named_parameters()))
+        except ValueError as e:
+            _diverged(rc, state, f"the weights grew too large for --mu {rc.cfg['mu']:g} to change them ({e})")
+    state.sched.step()
+    return StepStats(loss_val, int((out.argmax(1) == y).sum()), y.shape[0], perts, fwd,
+                     list(rc.est.last_rank_seconds) if rc.dist_on else None)
+
+
+def _record_step(state: TrainState, st: StepStats, seconds: float) -> None:
+    ep = state.ep
+    ep["loss"] += st.loss * st.n
+    ep["correct"] += st.correct
+    ep["n"] += st.n
+    ep["perturbations"] += st.perturbations
+    state.perturbations += st.perturbations
+    state.forwards += st.forwards
+    ep["seconds"] += seconds
+    state.step += 1
+    if st.rank_seconds is not None:
+        prev = ep.get("rank_seconds")
+        if not prev or len(prev) != len(st.rank_seconds):  # resumed on N' ranks
+            prev = [0.0] * len(st.rank_seconds)
+        ep["rank_seconds"] = [u + v for u, v in zip(prev, st.rank_seconds)]
+
+
+def _run_epoch(rc: _Run, state: TrainState, bar, sigint) -> None:
+    """The remaining steps of the current epoch; a Ctrl-C stops at a step boundary."""
+    ep = state.ep
+    live = rc.progress and not rc.dist_on and rc.cfg["estimator"] == "cge"  # pert/s during a long step
+    while state.step < rc.steps_per_epoch:
+        rc.consistent = False
+        t0 = time.perf_counter()
+        x, y = _next_batch(rc, state)
+        st = train_step(rc, state, x, y, on_chunk=_StepProgress(bar, ep) if live else None)
+        _record_step(state, st, time.perf_counter() - t0)
+        rc.consistent = True
+        bar.update(1)
+        bar.set_postfix(loss=f"{ep['loss'] / ep['n']:.3f}", acc=f"{100 * ep['correct'] / ep['n']:.1f}",
+                        lr=f"{state.opt.param_groups[0]['lr']:.4f}",
+                        pert_s=f"{ep['perturbations'] / max(ep['seconds'], 1e-9):.0f}",
+                        eta=_run_eta(rc.t_start, state.epoch * rc.steps_per_epoch + state.step, rc.total_steps),
+                        rss=_gib(rss_bytes()), refresh=False)
+        _on_step_end(state.epoch, state.step)
+        if sigint.requested:
+            raise KeyboardInterrupt
+
+
+def _epoch_record(rc: _Run, state: TrainState, test_loss: float, test_acc: float) -> dict:
+    ep, epoch = state.ep, state.epoch
+    rec = {"epoch": epoch + 1, "train_loss": ep["loss"] / ep["n"], "train_acc": ep["correct"] / ep["n"],
+           "test_loss": test_loss, "test_acc": test_acc, "lr": state.opt.param_groups[0]["lr"],
+           "seconds": ep["seconds"], "perturbations": ep["perturbations"],
+           "perturbations_per_s": ep["perturbations"] / max(ep["seconds"], 1e-9),
+           "masks_redrawn": state.densities is not None and epoch % rc.cfg["mask_interval"] == 0}
+    if rc.dist_on and ep.get("rank_seconds"):
+        rs = ep["rank_seconds"]
+        rec["ranks"] = len(rs)
+        rec["rank_estimate_seconds"] = rs
+        rec["imbalance"] = max(rs) / max(sum(rs) / len(rs), 1e-12)
+    return rec
+
+
+def end_epoch(rc: _Run, state: TrainState) -> dict:
+    """Evaluate, record the epoch, move to the next one, write the checkpoint and metrics, log
+    the epoch's line. Returns the epoch's record."""
+    test_loss, test_acc = evaluate(state.model, rc.ds, rc.cfg["eval_batch_size"], rc.device)
+    if not math.isfinite(test_loss):
+        _diverged(rc, state, f"the test loss is {test_loss}")
+    rec = _epoch_record(rc, state, test_loss, test_acc)
+    state.history.append(rec)
+    if test_acc > state.best_acc:
+        state.best_acc, state.best_epoch = test_acc, state.epoch + 1
+    state.epoch += 1
+    state.step = 0
+    state.perm = None
+    state.elapsed = time.perf_counter() - rc.t_start
+    rc.ckpt.save(state, rc.semantic)
+    rc.ckpt.write_text("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
+    rc.log(f"epoch {rec['epoch']:3d}/{rc.cfg['epochs']}  train loss {rec['train_loss']:.4f} acc "
+           f"{100 * rec['train_acc']:5.1f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.1f}%  "
+           f"lr {rec['lr']:.4f}  {rec['perturbations_per_s']:.0f} pert/s  {rec['seconds']:.1f}s"
+           + ("  [masks redrawn]" if rec["masks_redrawn"] else "")
+           + (f"  {rec['ranks']} ranks, estimate s/rank "
+              + "/".join(f"{v:.2f}" for v in rec["rank_estimate_seconds"])
+              + f", imbalance {rec['imbalance']:.3f}" if "imbalance" in rec else ""))
+    return rec
+
+
+def _train(rc: _Run, state: TrainState) -> bool:
+    """Epochs until ``--epochs``. Returns True when interrupted by Ctrl-C (the checkpoint is
+    written if the state is consistent, i.e. not mid-step)."""
+    from tqdm import tqdm
+    rc.t_start = time.perf_counter() - state.elapsed
+    try:
+        with _SigintFlag() as sigint:
+            while state.epoch < rc.cfg["epochs"]:
+                if state.step == 0:
+                    start_epoch(rc, state)
+                bar = tqdm(total=rc.steps_per_epoch, initial=state.step, disable=not rc.progress,
+                           desc=f"epoch {state.epoch + 1}/{rc.cfg['epochs']}", leave=False, dynamic_ncols=True)
+                _run_epoch(rc, state, bar, sigint)
+                bar.close()
+                end_epoch(rc, state)
+    except KeyboardInterrupt:
+        state.elapsed = time.perf_counter() - rc.t_start
+        if rc.consistent:
+            rc.ckpt.save(state, rc.semantic)
+            out_dir = rc.cfg.get("out")
+            rc.log(f"interrupted at epoch {state.epoch + 1}, step {state.step}"
+                   + (f"; checkpoint written, continue with --resume {out_dir}" if out_dir
+                      else " (no --out: nothing saved)"))
+        else:
+            rc.log("interrupted mid-step; the checkpoint of the last completed epoch is kept")
+        return True
+    return False
+
+
+def _summary(rc: _Run, state: TrainState, interrupted: bool, n_params: int, d_active) -> dict:
+    queries = state.grasp.get("queries", 0)
+    return {"best_test_acc": max(state.best_acc, 0.0), "best_epoch": state.best_epoch,
+            "final_test_acc": state.history[-1]["test_acc"] if state.history else None,
+            "epochs_done": state.epoch, "wall_seconds": time.perf_counter() - rc.t_start,
+            "perturbations": state.perturbations, "forward_equivalents": state.forwards + queries,
+            "zo_grasp_queries": queries, "parameters": n_params, "active_coordinates": d_active,
+            "interrupted": interrupted, "history": state.history}
+
+
+def _report(rc: _Run, state: TrainState, summary: dict) -> None:
+    """metrics.png and the last line of the run."""
+    if rc.ckpt.enabled and state.history:
+        try:
+            plot(state.history, os.path.join(rc.ckpt.out_dir, "metrics.png"),
+                 title=f"{rc.cfg['model']} on {rc.cfg['dataset']}, {rc.cfg['estimator']}")
+        except ImportError as e:  # matplotlib is optional at run time
+            rc.log(f"no plot: {e}")
+    rc.log(f"{'interrupted' if summary['interrupted'] else 'done'}: best test acc "
+           f"{100 * summary['best_test_acc']:.2f}% (epoch {summary['best_epoch']}), wall time "
+           f"{summary['wall_seconds']:.1f}s, forward-equivalents {summary['forward_equivalents']:,} "
+           f"({summary['perturbations']:,} perturbed evaluations"
+           + (f", {summary['zo_grasp_queries']} ZO-GraSP" if summary["zo_grasp_queries"] else "") + ")")
+
+
 def run(cfg: dict, log=None) -> dict:
     """Train with the resolved config ``cfg`` (see :func:`parse_args`); returns a summary dict.
     Raises :class:`CheckpointError` for unusable checkpoints and ``KeyboardInterrupt`` is turned
     into ``summary['interrupted'] = True`` after a checkpoint has been written."""
-    # torchrun (WORLD_SIZE > 1): one process group, rank 0 alone writes files and prints
-    dist_on = int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg["estimator"] == "cge"
-    rank = 0
-    if dist_on:
-        from . import distributed as DZD
-        import torch.distributed as tdist
-        own_group = not tdist.is_initialized()
-        DZD.init_from_env(dist_setting(cfg, "dist_timeout"))
-        rank = tdist.get_rank()
-    writer = rank == 0
-    progress = cfg.get("progress", True) and writer
-    log = log or ((lambda m: _log(m, progress)) if writer else (lambda m: None))
+    dist_on, rank, own_group = _start_distributed(cfg)
+    progress = cfg.get("progress", True) and rank == 0
+    log = log or ((lambda m: _log(m, progress)) if rank == 0 else (lambda m: None))
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
-    out_dir = cfg.get("out")
-    resume = cfg.get("resume") is not None
     semantic = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
+    ckpt = Checkpointer(cfg.get("out"), enabled=rank == 0)
+    ck = ckpt.load(semantic) if cfg.get("resume") is not None else ckpt.claim()  # before any write
 
-    ck = None
-    if resume:
-        ck = load_checkpoint(out_dir, semantic)  # before any write: never overwrite a bad run
-    elif out_dir is not None and writer:
-        if os.path.exists(os.path.join(out_dir, CHECKPOINT)):
-            raise CheckpointError(f"--out {out_dir} already holds a run ({CHECKPOINT}); resume it with "
-                                  f"--resume {out_dir} or choose another directory")
-        os.makedirs(out_dir, exist_ok=True)
-
-    ds = load_data(cfg).to(device)
+    ds = D.load_dataset(cfg["dataset"], cfg["data_dir"], augment=cfg["augment"], seed=cfg["seed"],
+                        synthetic_shape=cfg["synthetic_shape"], synthetic_n=cfg["synthetic_size"]).to(device)
     check_sizes(cfg, ds, device)
     model = make_model(cfg, ds).to(device)
     model.train()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gens = generators(cfg["seed"])
     steps_per_epoch = math.ceil(ds.x_train.shape[0] / cfg["batch_size"])
-    total_steps = steps_per_epoch * cfg["epochs"]
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                          weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, LRSchedule(cfg["scheduler"], round(cfg["warmup_epochs"] * steps_per_epoch), total_steps))
-
+    opt, sched = build_optimizer(cfg, model, steps_per_epoch)
     log(setup_summary(cfg, device))
-    est_name = cfg["estimator"]
-    zo_mu = est_name != "fo" or cfg["sparsity_method"] == "zo_grasp"  # is --mu used at all
-    if zo_mu:
-        from .ops import check_mu
-        try:
-            check_mu(cfg["mu"], dict(model.named_parameters()))
-        except ValueError as e:
-            raise UsageError(f"--mu {cfg['mu']:g}: {e}") from None
-    densities, masks, grasp_info = None, None, {}
-    if est_name != "fo" or cfg["sparsity_method"] != "none":
-        import deepzero_kernels as dz  # the engine; imported lazily so FO-only runs need less
-    if ck is None and cfg["sparsity_method"] != "none":
-        names = prunable(model)
-        if cfg["sparsity_method"] == "zo_grasp":
-            # ZO-GraSP on one training batch drawn from its own generator (paper: q=192, same mu).
-            idx = torch.randperm(ds.x_train.shape[0], generator=gens["grasp"])[:cfg["batch_size"]]
-            xb = ds.prepare(ds.x_train[idx].to(device), train=False)
-            t0 = time.perf_counter()
-            scores = dz.zo_grasp_scores(model, xb, ds.y_train[idx].to(device), q=cfg["grasp_q"],
-                                        mu=cfg["mu"], generator=gens["grasp"])
-            densities = dz.layer_densities(dz.prune_masks(scores, cfg["sparsity"]))
-            grasp_info = {"seconds": time.perf_counter() - t0, "queries": 2 * cfg["grasp_q"] + 2}
-        else:
-            densities = {n: 1.0 - cfg["sparsity"] for n in names}
+    _check_mu_flag(cfg, model)
+    densities, grasp = (ck["densities"], ck["grasp"]) if ck is not None else \
+        choose_densities(cfg, model, ds, gens, device)
+    est, d_active = build_estimator(cfg, model, densities, distributed=dist_on)
+    rc = _Run(cfg, semantic, device, ds, est, ckpt, log, progress, dist_on, steps_per_epoch,
+              steps_per_epoch * cfg["epochs"], est is not None and has_running_stats(model))
     if ck is not None:
-        densities = ck["densities"]
-        grasp_info = ck["grasp"]
+        state = _restore(rc, ck, model, opt, sched, gens)
+    else:
+        state = TrainState(model, opt, sched, gens, densities=densities, grasp=grasp)
+        _write_run_files(rc, state, n_params, d_active)
+    if state.epoch == 0 and state.step == 0:
+        _log_start(rc, state, n_params, d_active)
 
-    est = None
-    d_active = None
-    if est_name in ("cge", "rge"):
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        d_active = sum(round(densities[n] * p.numel()) if densities and n in densities else p.numel()
-                       for n, p in params.items())
-        if est_name == "cge":
-            if dist_on:
-                est = DZD.DistributedCGE(model, mu=cfg["mu"], backend=cfg["backend"],
-                                         memory_budget=cfg["memory_budget"],
-                                         check_every=dist_setting(cfg, "check_every"))
-            else:
-                est = dz.CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"])
-        else:
-            est = dz.RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active)
-
-    # ---- state that the checkpoint carries
-    state = {"epoch": 0, "step": 0, "perm": None, "history": [], "best_acc": -1.0, "best_epoch": 0,
-             "elapsed": 0.0, "perturbations": 0, "forwards": 0,
-             "ep": {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0, "perturbations": 0}}
-    if ck is not None:
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            sched.load_state_dict(ck["scheduler"])
-            for k, g in gens.items():
-                g.set_state(ck["rng"][k])
-            torch.set_rng_state(ck["rng"]["torch"])
-            masks = None if ck["masks"] is None else {k: v.to(device) for k, v in ck["masks"].items()}
-            state.update(ck["state"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {os.path.join(out_dir, CHECKPOINT)} does not match the "
-                                  f"model/optimizer of its config ({type(e).__name__}: {e})") from e
-        if not (state["epoch"] >= 0 and 0 <= state["step"] <= steps_per_epoch
-                and (state["step"] == 0 or state["perm"] is not None)):
-            raise CheckpointError(f"checkpoint {os.path.join(out_dir, CHECKPOINT)} is corrupt (epoch "
-                                  f"{state['epoch']}, step {state['step']} of {steps_per_epoch})")
-        if state["perm"] is not None and state["perm"].numel() != ds.x_train.shape[0]:
-            raise CheckpointError(f"checkpoint was made with {state['perm'].numel()} training samples, "
-                                  f"the dataset now has {ds.x_train.shape[0]}")
-        log(f"resumed {out_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    elif out_dir is not None and writer:
-        atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(
-            {"config": semantic, "derived": {"parameters": n_params, "steps_per_epoch": steps_per_epoch,
-                                             "active_coordinates": d_active, "device": str(device),
-                                             "dataset": {"train": ds.x_train.shape[0], "test": ds.x_test.shape[0],
-                                                         "input_shape": list(ds.input_shape)}}},
-            indent=2))
-        if densities is not None:
-            atomic_write_text(os.path.join(out_dir, "densities.json"), json.dumps(
-                {"sparsity": cfg["sparsity"], "method": cfg["sparsity_method"], "layers": densities,
-                 "overall": sum(densities[n] * dict(model.named_parameters())[n].numel() for n in densities)
-                 / sum(dict(model.named_parameters())[n].numel() for n in densities)}, indent=2))
-
-    def save_checkpoint():
-        if out_dir is None or not writer:
-            return
-        ck_out = {"format": FORMAT, "config": semantic, "model": model.state_dict(),
-                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                  "masks": None if masks is None else {k: v.cpu() for k, v in masks.items()},
-                  "densities": densities, "grasp": grasp_info,
-                  "rng": {**{k: g.get_state() for k, g in gens.items()}, "torch": torch.get_rng_state()},
-                  "state": state}
-        atomic_write_bytes(os.path.join(out_dir, CHECKPOINT), lambda f: torch.save(ck_out, f))
-
-    def write_metrics():
-        if out_dir is not None and writer:
-            atomic_write_text(os.path.join(out_dir, "metrics.jsonl"),
-                              "".join(json.dumps(h) + "\n" for h in state["history"]))
-
-    if state["epoch"] == 0 and state["step"] == 0:
-        log(f"{cfg['dataset']}: {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test, input "
-            f"{tuple(ds.input_shape)}; model {cfg['model']} ({n_params} parameters); estimator "
-            f"{est_name}" + (f" ({d_active} queries/step)" if d_active else "") + f"; device {device}")
-        if densities is not None:
-            log("layer densities (" + cfg["sparsity_method"] + "): "
-                + ", ".join(f"{k}={v:.3f}" for k, v in densities.items()))
-
-    def diverged(what):
-        ck_path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT)
-        kept = (f"the last good checkpoint {ck_path} is kept" if ck_path and os.path.isfile(ck_path)
-                else "no checkpoint was written")
-        raise TrainingDiverged(f"training diverged at epoch {state['epoch'] + 1}, step {state['step'] + 1}: {what}; "
-                               f"stopped without saving ({kept}). Lower --lr (now {cfg['lr']:g})")
-
-    def check_finite(tensors: dict, what: str):
-        """Stop at the first nan/inf among ``tensors`` (one device sync for all of them)."""
-        flags = [torch.isfinite(t).all() for t in tensors.values()]
-        if flags and not bool(torch.stack(flags).all()):
-            diverged(f"{what} {next(n for n, f in zip(tensors, flags) if not f)} is nan or inf")
-
-    bn_forward = est is not None and has_running_stats(model)
-    t_start = time.perf_counter() - state["elapsed"]
-    interrupted = False
-    consistent = True
-    try:
-        with _SigintFlag() as sigint:
-            from tqdm import tqdm
-            while state["epoch"] < cfg["epochs"]:
-                epoch = state["epoch"]
-                if state["step"] == 0:
-                    # Alg. 2: redraw masks every K_sparse epochs; then this epoch's data order.
-                    if densities is not None and epoch % cfg["mask_interval"] == 0:
-                        masks = {k: v.to(device) for k, v in
-                                 dz.random_masks(model, densities, generator=gens["mask"]).items()}
-                        if dist_on:  # same seeds give the same masks; broadcast from rank 0 to be safe
-                            for v in masks.values():
-                                u8 = v.to(torch.uint8)  # gloo has no bool
-                                tdist.broadcast(u8, 0)
-                                v.copy_(u8.bool())
-                    state["perm"] = torch.randperm(ds.x_train.shape[0], generator=gens["data"])
-                    state["ep"] = {"loss": 0.0, "correct": 0, "n": 0, "seconds": 0.0, "perturbations": 0}
-                ep = state["ep"]
-                bar = tqdm(total=steps_per_epoch, initial=state["step"], disable=not progress,
-                           desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, dynamic_ncols=True)
-                while state["step"] < steps_per_epoch:
-                    consistent = False
-                    t0 = time.perf_counter()
-                    s = state["step"]
-                    idx = state["perm"][s * cfg["batch_size"]:(s + 1) * cfg["batch_size"]]
-                    x = ds.prepare(ds.x_train[idx.to(ds.x_train.device)].to(device), train=True,
-                                   generator=gens["aug"])
-                    y = ds.y_train[idx.to(ds.y_train.device)].to(device)
-                    opt.zero_grad(set_to_none=True)
-                    if est is None:
-                        out = model(x)
-                        loss = F.cross_entropy(out, y)
-                        loss.backward()
-                        out, loss_val, perts, fwd = out.detach(), loss.item(), 0, 3  # fwd + bwd ~ 3 fwd
-                    else:
-                        before = est.num_perturbations
-                        if est_name == "cge":  # live pert/s and memory during a long step
-                            est.backward(x, y, masks=masks, **({} if dist_on or not progress else
-                                                               {"on_chunk": _StepProgress(bar, ep)}))
-                        else:
-                            est.backward(x, y, generator=gens["est"])
-                            # Unit-norm directions give E[g] = grad / d: rescale to an unbiased
-                            # estimate so the same lr works for every estimator.
-                            for p in model.parameters():
-                                if p.grad is not None:
-                                    p.grad.mul_(d_active)
-                        perts = est.num_perturbations - before
-                        fwd = perts + 1
-                        out, loss_val = est.last_output, est.last_loss
-                        if bn_forward:  # estimation leaves BN running stats alone: update them here
-                            with torch.no_grad():
-                                model(x)
-                            fwd += 1
-                    if masks is not None and est_name != "cge":
-                        for n, p in model.named_parameters():  # sparse gradient for FO / RGE
-                            if n in masks and p.grad is not None:
-                                p.grad.mul_(masks[n])
-                    if not math.isfinite(loss_val):
-                        diverged(f"the training loss is {loss_val}")
-                    check_finite({n: p.grad for n, p in model.named_parameters() if p.grad is not None},
-                                 "the gradient of")
-                    opt.step()
-                    check_finite({**dict(model.named_parameters()),
-                                  **{n: b for n, b in model.named_buffers() if b.is_floating_point()}},
-                                 "after the update,")
-                    if est is not None:
-                        try:
-                            check_mu(cfg["mu"], dict(model.named_parameters()))
-                        except ValueError as e:
-                            diverged(f"the weights grew too large for --mu {cfg['mu']:g} to change them ({e})")
-                    sched.step()
-                    b = y.shape[0]
-                    ep["loss"] += loss_val * b
-                    ep["correct"] += int((out.argmax(1) == y).sum())
-                    ep["n"] += b
-                    ep["perturbations"] += perts
-                    state["perturbations"] += perts
-                    state["forwards"] += fwd
-                    dt = time.perf_counter() - t0
-                    ep["seconds"] += dt
-                    state["step"] += 1
-                    if dist_on:
-                        prev = ep.get("rank_seconds")
-                        if not prev or len(prev) != len(est.last_rank_seconds):  # resumed on N' ranks
-                            prev = [0.0] * len(est.last_rank_seconds)
-                        ep["rank_seconds"] = [u + v for u, v in zip(prev, est.last_rank_seconds)]
-                    consistent = True
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{ep['loss'] / ep['n']:.3f}", acc=f"{100 * ep['correct'] / ep['n']:.1f}",
-                                    lr=f"{opt.param_groups[0]['lr']:.4f}",
-                                    pert_s=f"{ep['perturbations'] / max(ep['seconds'], 1e-9):.0f}",
-                                    eta=_run_eta(t_start, epoch * steps_per_epoch + state["step"], total_steps),
-                                    rss=_gib(rss_bytes()), refresh=False)
-                    _on_step_end(epoch, state["step"])
-                    if sigint.requested:
-                        raise KeyboardInterrupt
-                bar.close()
-                test_loss, test_acc = evaluate(model, ds, cfg["eval_batch_size"], device)
-                if not math.isfinite(test_loss):
-                    diverged(f"the test loss is {test_loss}")
-                rec = {"epoch": epoch + 1, "train_loss": ep["loss"] / ep["n"], "train_acc": ep["correct"] / ep["n"],
-                       "test_loss": test_loss, "test_acc": test_acc, "lr": opt.param_groups[0]["lr"],
-                       "seconds": ep["seconds"], "perturbations": ep["perturbations"],
-                       "perturbations_per_s": ep["perturbations"] / max(ep["seconds"], 1e-9),
-                       "masks_redrawn": densities is not None and epoch % cfg["mask_interval"] == 0}
-                if dist_on and ep.get("rank_seconds"):
-                    rs = ep["rank_seconds"]
-                    rec["ranks"] = len(rs)
-                    rec["rank_estimate_seconds"] = rs
-                    rec["imbalance"] = max(rs) / max(sum(rs) / len(rs), 1e-12)
-                state["history"].append(rec)
-                if test_acc > state["best_acc"]:
-                    state["best_acc"], state["best_epoch"] = test_acc, epoch + 1
-                state["epoch"] += 1
-                state["step"] = 0
-                state["perm"] = None
-                state["elapsed"] = time.perf_counter() - t_start
-                save_checkpoint()
-                write_metrics()
-                log(f"epoch {epoch + 1:3d}/{cfg['epochs']}  train loss {rec['train_loss']:.4f} acc "
-                    f"{100 * rec['train_acc']:5.1f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.1f}%  "
-                    f"lr {rec['lr']:.4f}  {rec['perturbations_per_s']:.0f} pert/s  {rec['seconds']:.1f}s"
-                    + ("  [masks redrawn]" if rec["masks_redrawn"] else "")
-                    + (f"  {rec['ranks']} ranks, estimate s/rank "
-                       + "/".join(f"{v:.2f}" for v in rec["rank_estimate_seconds"])
-                       + f", imbalance {rec['imbalance']:.3f}" if "imbalance" in rec else ""))
-    except KeyboardInterrupt:
-        interrupted = True
-        state["elapsed"] = time.perf_counter() - t_start
-        if consistent:
-            save_checkpoint()
-            where = f"epoch {state['epoch'] + 1}, step {state['step']}"
-            log(f"interrupted at {where}" + (f"; checkpoint written, continue with --resume {out_dir}"
-                                              if out_dir else " (no --out: nothing saved)"))
-        else:
-            log("interrupted mid-step; the checkpoint of the last completed epoch is kept")
-    wall = time.perf_counter() - t_start
-    summary = {"best_test_acc": max(state["best_acc"], 0.0), "best_epoch": state["best_epoch"],
-               "final_test_acc": state["history"][-1]["test_acc"] if state["history"] else None,
-               "epochs_done": state["epoch"], "wall_seconds": wall, "perturbations": state["perturbations"],
-               "forward_equivalents": state["forwards"] + grasp_info.get("queries", 0),
-               "zo_grasp_queries": grasp_info.get("queries", 0), "parameters": n_params,
-               "active_coordinates": d_active, "interrupted": interrupted, "history": state["history"]}
+    summary = _summary(rc, state, _train(rc, state), n_params, d_active)
     if dist_on:
+        import torch.distributed as tdist
         summary["ranks"] = tdist.get_world_size()
         if own_group:
             tdist.destroy_process_group()
-    if out_dir is not None and state["history"] and writer:
-        try:
-            plot(state["history"], os.path.join(out_dir, "metrics.png"), title=f"{cfg['model']} on {cfg['dataset']}, {est_name}")
-        except ImportError as e:  # matplotlib is optional at run time
-            log(f"no plot: {e}")
-    log(f"{'interrupted' if interrupted else 'done'}: best test acc {100 * summary['best_test_acc']:.2f}% "
-        f"(epoch {summary['best_epoch']}), wall time {wall:.1f}s, forward-equivalents "
-        f"{summary['forward_equivalents']:,} ({summary['perturbations']:,} perturbed evaluations"
-        + (f", {summary['zo_grasp_queries']} ZO-GraSP" if summary["zo_grasp_queries"] else "") + ")")
+    _report(rc, state, summary)
     return summary
 
 

@@ -37,7 +37,7 @@ def test_rge_matches_naive_loop(train):
     model = SimpleCNN(2, 3, depth=2, width=3).double().train(train)
     x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     snap = snapshot(model)
-    rge = RGE(model, mu=5e-3, q=7, chunk_size=3)
+    rge = RGE(model, mu=5e-3, q=7, chunk_size=3, scale="paper")
     est = rge.estimate(x, y, generator=torch.Generator().manual_seed(1))
     assert_bitwise_unchanged(model, snap)
     names = [n for n, _ in model.named_parameters()]
@@ -52,6 +52,29 @@ def test_rge_matches_naive_loop(train):
 def test_rge_bad_q():
     with pytest.raises(ValueError, match="q"):
         RGE(MLP(4, 2), q=0)
+    with pytest.raises(ValueError, match="scale"):
+        RGE(MLP(4, 2), scale="biased")
+
+
+def test_rge_unbiased_scale():
+    """``scale="unbiased"`` (default) is eq. (1) times d: its mean over many directions
+    approaches the float64 gradient; ``"paper"`` is exactly the unbiased estimate / d."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()  # d = 16 coordinates (a power of 2: / d is exact)
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 4, (8,))
+    params = dict(model.named_parameters())
+    grad = torch.autograd.grad(ce(model(x), y).mean(), list(params.values()))
+    true = torch.cat([g.reshape(-1) for g in grad])
+    d, q = true.numel(), 20000
+    unbiased = RGE(model, mu=1e-6, q=q, chunk_size=4000)
+    assert unbiased.scale == "unbiased"
+    u = unbiased.directions(list(params), torch.Generator().manual_seed(3))
+    est = unbiased.estimate(x, y, directions=u)
+    flat = torch.cat([est[n].reshape(-1) for n in params])
+    assert float((flat - true).norm() / true.norm()) < 0.1  # sampling error ~ sqrt(d / q) = 0.03
+    paper = RGE(model, mu=1e-6, q=q, chunk_size=4000, scale="paper").estimate(x, y, directions=u)
+    for n in params:
+        assert torch.equal(paper[n], est[n] / d), n
 
 
 def _autograd_hvp(model, x, y, names, v):

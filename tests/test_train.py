@@ -148,6 +148,44 @@ def test_cli_entry_point_help():
     assert "default: 5e-3" in r.stdout.replace("0.005", "5e-3") and "resnet20" in r.stdout
 
 
+def test_train_state_round_trips_through_the_checkpoint(tmp_path):
+    """TrainState -> checkpoint file -> fresh objects: the keys of checkpoints written before
+    TrainState existed, and every object and counter restored exactly."""
+    def fresh():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        cfg = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "scheduler": "cosine", "warmup_epochs": 1,
+               "epochs": 2}
+        opt, sched = train.build_optimizer(cfg, model, steps_per_epoch=3)
+        return model, opt, sched, train.generators(7)
+
+    model, opt, sched, gens = fresh()
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    gens["data"].manual_seed(11)
+    state = train.TrainState(model, opt, sched, gens, masks={"0.weight": torch.rand(4, 3) > 0.5},
+                             densities={"0.weight": 0.5}, grasp={"queries": 10}, epoch=1, step=2,
+                             perm=torch.randperm(6), history=[{"epoch": 1}], best_acc=0.5, best_epoch=1,
+                             elapsed=3.0, perturbations=40, forwards=44)
+    state.ep["n"] = 16
+    torch.save(state.to_checkpoint({"seed": 7}), tmp_path / "ck.pt")
+    ck = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert set(ck) == {"format"} | set(train._CHECKPOINT_FIELDS) and train.checkpoint_problem(ck) is None
+    assert list(ck["state"]) == ["epoch", "step", "perm", "history", "best_acc", "best_epoch", "elapsed",
+                                 "perturbations", "forwards", "ep"]
+    back = train.TrainState.from_checkpoint(ck, *fresh(), device=torch.device("cpu"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.model.state_dict()[k], v), k
+    assert back.opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    assert back.sched.state_dict()["last_epoch"] == 1
+    assert all(torch.equal(back.gens[k].get_state(), g.get_state()) for k, g in gens.items())
+    assert torch.equal(back.masks["0.weight"], state.masks["0.weight"]) and torch.equal(back.perm, state.perm)
+    for k in train.TrainState.COUNTERS + ("densities", "grasp"):
+        if k != "perm":
+            assert getattr(back, k) == getattr(state, k), k
+
+
 def test_lr_schedule_shape():
     s = train.LRSchedule("cosine", warmup_steps=10, total_steps=110)
     assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
