@@ -5,7 +5,7 @@ C++/OpenMP kernels, plus CUDA kernels when torch has CUDA and nvcc is found) is 
 cpp_extension and ninja when torch is importable at build time, i.e. with
 ``pip install --no-build-isolation``. It is optional: when it is not built here (no torch in an
 isolated build environment, DZ_NO_NATIVE=1, a failed build) the install says why and the first use
-builds it just in time into a cache (deepzero_kernels/native_build.py; DZ_NO_JIT=1 opts out).
+builds it just in time into a cache (deepzero_kernels/kernels/native_build.py; DZ_NO_JIT=1 opts out).
 DZ_NATIVE_REQUIRED=1 makes a skipped or failed build an error; DZ_NO_CUDA=1 leaves out the CUDA
 kernels; DZ_NATIVE_ARCH=native adds -march=native; the CUDA architectures are sm_80 and sm_90
 (+ PTX) unless TORCH_CUDA_ARCH_LIST says otherwise. The CPU kernels are compiled for baseline
@@ -26,9 +26,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_native_build():
-    """deepzero_kernels/native_build.py by path: importing the package would need torch."""
+    """deepzero_kernels/kernels/native_build.py by path: importing the package would need torch."""
     spec = importlib.util.spec_from_file_location("_dz_native_build",
-                                                  os.path.join(ROOT, "deepzero_kernels", "native_build.py"))
+                                                  os.path.join(ROOT, "deepzero_kernels", "kernels", "native_build.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -1,5 +1,6 @@
-"""The fused chain kernels, one launch each, on every available backend against the torch
-backend (the reference composition of torch ops) in the same run.
+"""The fused chain kernels, one launch each, on every available backend against the reference
+backend (the torch composition in ``kernels/reference.py``) in the same run. The one benchmark of
+the chains (``kernels-<chain>`` groups; the speed-ups land in the summary's ``kernels`` table).
 
 Cases (``kernels-<chain>``), at the suite's standard sizes (batch 64):
 
@@ -12,7 +13,7 @@ Cases (``kernels-<chain>``), at the suite's standard sizes (batch 64):
 * ``bn_dense``: per-perturbation BatchNorm + residual + ReLU on a dense (B, K, 64, 8, 8) batch;
 * ``fc_ce``: every weight of ResNet-20's classifier to the closed-form cross-entropy change.
 
-Results are checked against the torch backend outside the timed region. ``bytes`` is the
+Results are checked against the reference backend outside the timed region. ``bytes`` is the
 minimum traffic of a launch (each input read once, the output written once); on a GPU,
 bytes / time against the memory bandwidth is the roofline fraction.
 """
@@ -37,8 +38,9 @@ def _bn_stats(z):
 
 
 def _conv_source_args(x, w, k, pool, g, mu=W.MU):
-    """conv_delta_chain arguments for K random weights of a 3x3, pad 1 conv followed by BN, ReLU
-    and an optional 2x2 ceil-mode max pool."""
+    """conv_delta_chain keyword arguments for K random weights of a 3x3, pad 1 conv followed by BN,
+    ReLU and an optional 2x2 ceil-mode max pool."""
+    from deepzero_kernels.kernels import BnArgs, PoolArgs
     dev = x.device
     c_out, c_in = w.shape[:2]
     z = F.conv2d(x, w, None, 1, 1)
@@ -49,19 +51,20 @@ def _conv_source_args(x, w, k, pool, g, mu=W.MU):
     idx = torch.randperm(w.numel(), generator=g)[:k].to(dev)
     o, rem = idx // (c_in * 9), idx % (c_in * 9)
     c, u, v = rem // 9, (rem % 9) // 3, rem % 3
-    if pool:
-        pooled = F.max_pool2d(F.relu(pre), 2, 2, ceil_mode=True).contiguous()
-        tail = (2, 2, pooled)
-    else:
-        tail = (0, 0, x.new_empty(0))
-    args = (x, c, u - 1, v - 1, o, mu, 1, 1, z.shape[2], z.shape[3], c_out, 1, x_hat, inv, bn_w, pre) + tail
+    pooled = F.max_pool2d(F.relu(pre), 2, 2, ceil_mode=True).contiguous() if pool else None
+    args = dict(x=x, src_channel=c, off_h=u - 1, off_w=v - 1, out_channel=o, mu=mu, stride=(1, 1),
+                out_size=z.shape[2:], c_out=c_out, bn=BnArgs.batch(bn_w, xhat=x_hat, inv_std=inv), relu_base=pre,
+                pool=PoolArgs(2, 2) if pool else PoolArgs(), pool_base=pooled)
     b, hw = x.shape[0], z.shape[2] * z.shape[3]
-    out_hw = tail[2].shape[2] * tail[2].shape[3] if pool else hw
+    out_hw = pooled.shape[2] * pooled.shape[3] if pool else hw
     nbytes = x.element_size() * b * k * (3 * hw + (2 if pool else 1) * out_hw)
     return args, nbytes, dict(pre=pre, o=o, out=F.relu(pre))
 
 
 def build(case, mode):
+    """``(kernel name, keyword arguments, minimum bytes)`` of a case."""
+    from deepzero_kernels.kernels import BnArgs, ConvArgs, PoolArgs
+    pad1 = ConvArgs(padding=(1, 1))  # the 3x3 convs of both networks
     key = (case, mode)
     if key in _CACHE:
         return _CACHE[key]
@@ -80,11 +83,11 @@ def build(case, mode):
             out = ("conv_delta_chain", args, nbytes)
         else:
             delta = chain1_output(args)
-            pooled = args[-1]
             w2 = r(wd, wd, 3, 3)
-            z2 = F.conv2d(pooled, w2, None, 1, 1).contiguous()
+            z2 = F.conv2d(args["pool_base"], w2, None, 1, 1).contiguous()
             bw, bb = torch.rand(wd, generator=g).to(dev) + 0.5, r(wd)
-            cargs = (delta, st["o"], w2, 1, 1, 1, 1, 1, 1, z2, 1, bw, bb, 1e-5, x.new_empty(0), True, 2, 2, True)
+            cargs = dict(delta=delta, channel=st["o"], weight=w2, base_out=z2, conv=pad1,
+                         bn=BnArgs.batch(bw, bias=bb), relu=True, pool=PoolArgs(2, 2), global_avg=True)
             hw = delta.shape[2] * delta.shape[3]
             nbytes = x.element_size() * b * k * (hw + wd * hw + wd)
             out = ("conv1ch_chain", cargs, nbytes)
@@ -102,12 +105,13 @@ def build(case, mode):
             out = ("conv_delta_chain", args, nbytes)
         elif case == "resnet_chain2":
             delta = chain1_output(args)
-            cargs = (delta, st["o"], w2, 1, 1, 1, 1, 1, 1, z2, 1, bw, bb, 1e-5, residual, True, 0, 0, True)
+            cargs = dict(delta=delta, channel=st["o"], weight=w2, base_out=z2, conv=pad1,
+                         bn=BnArgs.batch(bw, bias=bb), residual=residual, relu=True, global_avg=True)
             nbytes = x.element_size() * b * k * (hw * hw + 2 * c * hw * hw + c)
             out = ("conv1ch_chain", cargs, nbytes)
         else:
             vals = (z2[:, None] + 0.1 * r(b, k, c, hw, hw)).contiguous()
-            dargs = (vals, 1, bw, bb, 1e-5, residual, True, 0, 0, False)
+            dargs = dict(values=vals, bn=BnArgs.batch(bw, bias=bb), residual=residual, relu=True)
             nbytes = x.element_size() * b * k * c * hw * hw * 3
             out = ("bn_act_dense", dargs, nbytes)
     elif case == "fc_ce":
@@ -116,7 +120,7 @@ def build(case, mode):
         logits = F.linear(feats, wfc).contiguous()
         y = torch.randint(0, n, (b,), generator=g).to(dev)
         idx = torch.arange(wfc.numel(), device=dev)
-        out = ("linear_weight_ce", (feats, logits, y, idx, W.MU), 8 * idx.numel() * b)
+        out = ("linear_weight_ce", dict(x=feats, logits=logits, target=y, idx=idx, mu=W.MU), 8 * idx.numel() * b)
     else:
         raise KeyError(case)
     _CACHE[key] = out
@@ -124,21 +128,21 @@ def build(case, mode):
 
 
 def chain1_output(args):
-    """The chain-1 output (the delta the next conv consumes), by the torch backend."""
+    """The chain-1 output (the delta the next conv consumes), by the reference backend."""
     from deepzero_kernels import kernels
-    return kernels.get("torch").conv_delta_chain(*args).contiguous()
+    return kernels.get("reference").conv_delta_chain(**args).contiguous()
 
 
 def kernel_backends():
     from deepzero_kernels import kernels
     dev = W.bench_device()
-    got = ["torch"] + [b for b, (ok, _) in kernels.available(dev).items() if ok]
+    got = ["reference"] + [b for b, (ok, _) in kernels.available(dev).items() if ok]
     # Triton on a CPU is the interpreter: a correctness tool, not something to time.
     return [b for b in got if not (b == "triton" and dev.type == "cpu")]
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("backend", ["torch", "native", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 def test_kernel(benchmark, case, backend, mode):
     if not W.engine_available():
         pytest.skip("deepzero_kernels is not importable")
@@ -155,15 +159,15 @@ def test_kernel(benchmark, case, backend, mode):
     benchmark.group = f"kernels-{case}"
 
     def run():
-        out = fn(*args)
+        out = fn(**args)
         W.sync()
         return out
 
     out = benchmark.pedantic(run, rounds=max(S["rounds"], 3) * 3, warmup_rounds=1, iterations=1)
     t = W.median_time(benchmark)
-    want = getattr(kernels.get("torch"), name)(*args)
+    want = getattr(kernels.get("reference"), name)(**args)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     benchmark.extra_info.update(kernel=name, bytes=nbytes)
-    k = {"linear_weight_ce": lambda: args[3].numel(), "bn_act_dense": lambda: args[0].shape[1]}.get(
-        name, lambda: args[1].numel())()
+    k = {"linear_weight_ce": lambda: args["idx"].numel(), "bn_act_dense": lambda: args["values"].shape[1]}.get(
+        name, lambda: args["src_channel" if name == "conv_delta_chain" else "channel"].numel())()
     W.REGISTRY.record_kernel(case, backend, kernel=name, time_s=t, bytes=nbytes, k=int(k))

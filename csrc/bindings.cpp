@@ -1,13 +1,21 @@
-// pybind11 bindings of the native backend: deepzero_kernels._native. Every argument is checked here
-// with TORCH_CHECK (a Python RuntimeError, never a crash) even though the Python wrappers in
-// deepzero_kernels/kernels/__init__.py validate first: the module may be called directly. Index
-// ranges are checked on CPU; on CUDA that would need a device sync, so the CUDA kernels guard their
-// indices instead (an out-of-range index gives NaN output, never an out-of-bounds access).
+// Registration of the native backend. The seven kernels are PyTorch operators deepzero::<name>
+// (TORCH_LIBRARY), with a CPU implementation and, under DZ_WITH_CUDA, a CUDA one, so the dispatcher
+// picks the device and torch.compile can trace them (their fake implementations, the output shapes,
+// are registered from Python: deepzero_kernels/kernels/native.py). The pybind11 module
+// deepzero_kernels._native, whose import loads this library, keeps the helpers (has_cuda, cpu_isa).
+//
+// Every operator checks its arguments with TORCH_CHECK (a Python RuntimeError, never a crash) even
+// though the Python wrappers in deepzero_kernels/kernels/validate.py check first: the operators may be
+// called directly. Index ranges are checked on CPU; on CUDA that would need a device sync, so the CUDA
+// kernels guard their indices instead (an out-of-range index gives NaN output, never an out-of-bounds
+// access).
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "chain_args.h"
 #include "dz_math.h"
 #include "kernels.h"
 
@@ -31,7 +39,6 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& ref, std::ve
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, name,
               " must be float32 or float64, got ", t.scalar_type());
-  TORCH_CHECK(t.is_cpu() || t.is_cuda(), name, " must be on CPU or CUDA, got ", t.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -54,13 +61,14 @@ void check_pool(int64_t pool_k, int64_t pool_s) {
 int64_t check_onech(const at::Tensor& ref, int64_t B, int64_t H, int64_t W, int64_t bn_mode, const at::Tensor& bn_xhat,
                     const at::Tensor& bn_inv_std, const at::Tensor& bn_weight, const at::Tensor& relu_base,
                     int64_t pool_k, int64_t pool_s, const at::Tensor& pool_base) {
-  TORCH_CHECK(bn_mode >= 0 && bn_mode <= 2, "bn_mode must be 0, 1 or 2, got ", bn_mode);
+  const BnMode mode = bn_mode_of(bn_mode);
   TORCH_CHECK(B >= 1 && H >= 1 && W >= 1, "empty batch or plane: B, H, W = ", B, ", ", H, ", ", W);
-  const int64_t C = relu_base.numel() ? relu_base.size(1) : bn_mode ? (bn_weight.dim() ? bn_weight.size(0) : 0) : 0;
-  TORCH_CHECK(C >= 1 || (bn_mode == 0 && !relu_base.numel()), "bn_weight / relu_base must not be empty");
+  const bool bn = mode != BnMode::None;
+  const int64_t C = relu_base.numel() ? relu_base.size(1) : bn ? (bn_weight.dim() ? bn_weight.size(0) : 0) : 0;
+  TORCH_CHECK(C >= 1 || (!bn && !relu_base.numel()), "bn_weight / relu_base must not be empty");
   check(relu_base, "relu_base", ref, {B, C, H, W}, true);
-  if (bn_mode) check(bn_weight, "bn_weight", ref, {C});
-  if (bn_mode == 1) {
+  if (bn) check(bn_weight, "bn_weight", ref, {C});
+  if (mode == BnMode::Batch) {
     check(bn_xhat, "bn_xhat", ref, {B, C, H, W});
     check(bn_inv_std, "bn_inv_std", ref, {C});
   }
@@ -75,33 +83,19 @@ int64_t check_onech(const at::Tensor& ref, int64_t B, int64_t H, int64_t W, int6
 void check_dense(const at::Tensor& ref, int64_t B, int64_t C, int64_t H, int64_t W, int64_t bn_mode,
                  const at::Tensor& bn_weight, const at::Tensor& bn_bias, double eps, const at::Tensor& residual,
                  int64_t pool_k, int64_t pool_s) {
-  TORCH_CHECK(bn_mode >= 0 && bn_mode <= 2, "bn_mode must be 0, 1 or 2, got ", bn_mode);
+  const BnMode mode = bn_mode_of(bn_mode);
   TORCH_CHECK(B >= 1 && H >= 1 && W >= 1, "empty batch or plane: B, H, W = ", B, ", ", H, ", ", W);
-  if (bn_mode) {
+  if (mode != BnMode::None) {
     check(bn_weight, "bn_weight", ref, {C});
     check(bn_bias, "bn_bias", ref, {C});
   }
-  if (bn_mode == 1) TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
+  if (mode == BnMode::Batch) TORCH_CHECK(std::isfinite(eps) && eps > 0, "eps must be finite and > 0, got ", eps);
   check(residual, "residual", ref, {B, C, H, W}, true);
   check_pool(pool_k, pool_s);
 }
 
-bool on_cuda(const at::Tensor& t) {
-  if (!t.is_cuda()) return false;
-#ifndef DZ_WITH_CUDA
-  TORCH_CHECK(false, "deepzero_kernels._native was built without CUDA; got a tensor on ", t.device());
-#endif
-  return true;
-}
-
-#ifdef DZ_WITH_CUDA
-#define DZ_DISPATCH(t, fn, ...) (on_cuda(t) ? fn##_cuda(__VA_ARGS__) : fn##_cpu(__VA_ARGS__))
-#else
-#define DZ_DISPATCH(t, fn, ...) (on_cuda(t), fn##_cpu(__VA_ARGS__))
-#endif
-
-// ------------------------------------------------------------------------------ entry points
-at::Tensor channel_chain(const at::Tensor& values, const at::Tensor& channel, int64_t bn_mode,
+// ------------------------------------------------------------------------ argument checks per operator
+void check_channel_chain(const at::Tensor& values, const at::Tensor& channel, int64_t bn_mode,
                          const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
                          const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s, const at::Tensor& pool_base) {
   check_float(values, "values");
@@ -111,11 +105,9 @@ at::Tensor channel_chain(const at::Tensor& values, const at::Tensor& channel, in
                                 pool_base);
   TORCH_CHECK(C > 0, "nothing to do: give a BatchNorm (bn_mode 1/2) or a ReLU (relu_base)");
   check_index(channel, "channel", values, K, C);
-  return DZ_DISPATCH(values, channel_chain, values, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
-                     pool_k, pool_s, pool_base);
 }
 
-at::Tensor conv_delta_chain(const at::Tensor& x, const at::Tensor& src_channel, const at::Tensor& off_h,
+void check_conv_delta_chain(const at::Tensor& x, const at::Tensor& src_channel, const at::Tensor& off_h,
                             const at::Tensor& off_w, const at::Tensor& out_channel, double mu, int64_t stride_h,
                             int64_t stride_w, int64_t h_out, int64_t w_out, int64_t bn_mode, const at::Tensor& bn_xhat,
                             const at::Tensor& bn_inv_std, const at::Tensor& bn_weight, const at::Tensor& relu_base,
@@ -132,22 +124,18 @@ at::Tensor conv_delta_chain(const at::Tensor& x, const at::Tensor& src_channel, 
   check_index(out_channel, "out_channel", x, K, C ? C : INT64_MAX);  // C = 0: the channel is not read
   check(off_h, "off_h", x, {K}, false, at::kLong);
   check(off_w, "off_w", x, {K}, false, at::kLong);
-  return DZ_DISPATCH(x, conv_delta_chain, x, src_channel, off_h, off_w, out_channel, mu, stride_h, stride_w, h_out,
-                     w_out, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base);
 }
 
-at::Tensor bn_act_dense(const at::Tensor& values, int64_t bn_mode, const at::Tensor& bn_weight,
+void check_bn_act_dense(const at::Tensor& values, int64_t bn_mode, const at::Tensor& bn_weight,
                         const at::Tensor& bn_bias, double eps, const at::Tensor& residual, bool relu, int64_t pool_k,
                         int64_t pool_s, bool global_avg) {
   check_float(values, "values");
   check(values, "values", values, {-1, -1, -1, -1, -1});
   check_dense(values, values.size(0), values.size(2), values.size(3), values.size(4), bn_mode, bn_weight, bn_bias, eps,
               residual, pool_k, pool_s);
-  return DZ_DISPATCH(values, bn_act_dense, values, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s,
-                     global_avg);
 }
 
-at::Tensor conv1ch_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+void check_conv1ch_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
                          int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
                          const at::Tensor& base_out, int64_t bn_mode, const at::Tensor& bn_weight,
                          const at::Tensor& bn_bias, double eps, const at::Tensor& residual, bool relu, int64_t pool_k,
@@ -160,15 +148,11 @@ at::Tensor conv1ch_chain(const at::Tensor& delta, const at::Tensor& channel, con
   const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
   const int64_t Cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
   TORCH_CHECK(kh >= 1 && kw >= 1 && weight.size(1) >= 1, "weight must not be empty");
-  const int64_t Ho = (H + 2 * pad_h - dil_h * (kh - 1) - 1) / stride_h + 1;
-  const int64_t Wo = (W + 2 * pad_w - dil_w * (kw - 1) - 1) / stride_w + 1;
-  TORCH_CHECK(H + 2 * pad_h - dil_h * (kh - 1) - 1 >= 0 && W + 2 * pad_w - dil_w * (kw - 1) - 1 >= 0,
-              "the convolution has an empty output");
+  const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "the convolution has an empty output");
   check_index(channel, "channel", delta, K, weight.size(1));
   check(base_out, "base_out", delta, {B, Cout, Ho, Wo});
   check_dense(delta, B, Cout, Ho, Wo, bn_mode, bn_weight, bn_bias, eps, residual, pool_k, pool_s);
-  return DZ_DISPATCH(delta, conv1ch_chain, delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                     base_out, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s, global_avg);
 }
 
 void check_ce(const at::Tensor& ref, const at::Tensor& logits, const at::Tensor& target) {
@@ -177,35 +161,43 @@ void check_ce(const at::Tensor& ref, const at::Tensor& logits, const at::Tensor&
   check_index(target, "target", ref, logits.size(0), logits.size(1));
 }
 
-at::Tensor linear_weight_ce(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& target,
+void check_linear_weight_ce(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& target,
                             const at::Tensor& idx, double mu) {
   check_float(x, "x");
   check_ce(x, logits, target);
   check(x, "x", x, {logits.size(0), -1});
   TORCH_CHECK(std::isfinite(mu), "mu must be finite, got ", mu);
   check_index(idx, "idx", x, idx.numel(), logits.size(1) * x.size(1));
-  return DZ_DISPATCH(x, linear_weight_ce, x, logits, target, idx, mu);
 }
 
-at::Tensor linear_rank1_ce(const at::Tensor& values, const at::Tensor& channel, const at::Tensor& weight,
+void check_linear_rank1_ce(const at::Tensor& values, const at::Tensor& channel, const at::Tensor& weight,
                            const at::Tensor& logits, const at::Tensor& target) {
   check_float(values, "values");
   check_ce(values, logits, target);
   check(values, "values", values, {logits.size(0), -1});
   check(weight, "weight", values, {logits.size(1), -1});
   check_index(channel, "channel", values, values.size(1), weight.size(1));
-  return DZ_DISPATCH(values, linear_rank1_ce, values, channel, weight, logits, target);
 }
 
-at::Tensor linear_dense_ce(const at::Tensor& values, const at::Tensor& base, const at::Tensor& weight,
+void check_linear_dense_ce(const at::Tensor& values, const at::Tensor& base, const at::Tensor& weight,
                            const at::Tensor& logits, const at::Tensor& target) {
   check_float(values, "values");
   check_ce(values, logits, target);
   check(values, "values", values, {logits.size(0), -1, -1});
   check(base, "base", values, {logits.size(0), values.size(2)});
   check(weight, "weight", values, {logits.size(1), values.size(2)});
-  return DZ_DISPATCH(values, linear_dense_ce, values, base, weight, logits, target);
 }
+
+// The implementation of an operator on one device: its checks, then that device's kernel.
+template <auto Check, auto Kernel>
+struct Checked;
+template <typename... A, void (*Check)(A...), at::Tensor (*Kernel)(A...)>
+struct Checked<Check, Kernel> {
+  static at::Tensor run(A... a) {
+    Check(a...);
+    return Kernel(a...);
+  }
+};
 
 bool has_cuda() {
 #ifdef DZ_WITH_CUDA
@@ -218,18 +210,44 @@ bool has_cuda() {
 }  // namespace
 }  // namespace dz
 
+// The schemas: the arguments of deepzero_kernels/kernels/reference.py, in its order (absent optional
+// tensors are empty tensors; bn_mode is the int value of kernels.BnMode).
+TORCH_LIBRARY(deepzero, m) {
+  m.def("channel_chain(Tensor values, Tensor channel, int bn_mode, Tensor bn_xhat, Tensor bn_inv_std, "
+        "Tensor bn_weight, Tensor relu_base, int pool_k, int pool_s, Tensor pool_base) -> Tensor");
+  m.def("conv_delta_chain(Tensor x, Tensor src_channel, Tensor off_h, Tensor off_w, Tensor out_channel, float mu, "
+        "int stride_h, int stride_w, int h_out, int w_out, int bn_mode, Tensor bn_xhat, Tensor bn_inv_std, "
+        "Tensor bn_weight, Tensor relu_base, int pool_k, int pool_s, Tensor pool_base) -> Tensor");
+  m.def("bn_act_dense(Tensor values, int bn_mode, Tensor bn_weight, Tensor bn_bias, float eps, Tensor residual, "
+        "bool relu, int pool_k, int pool_s, bool global_avg) -> Tensor");
+  m.def("conv1ch_chain(Tensor delta, Tensor channel, Tensor weight, int stride_h, int stride_w, int pad_h, "
+        "int pad_w, int dil_h, int dil_w, Tensor base_out, int bn_mode, Tensor bn_weight, Tensor bn_bias, float eps, "
+        "Tensor residual, bool relu, int pool_k, int pool_s, bool global_avg) -> Tensor");
+  m.def("linear_weight_ce(Tensor x, Tensor logits, Tensor target, Tensor idx, float mu) -> Tensor");
+  m.def("linear_rank1_ce(Tensor values, Tensor channel, Tensor weight, Tensor logits, Tensor target) -> Tensor");
+  m.def("linear_dense_ce(Tensor values, Tensor base, Tensor weight, Tensor logits, Tensor target) -> Tensor");
+}
+
+#define DZ_IMPL(m, name, dev) m.impl(#name, &dz::Checked<&dz::check_##name, &dz::name##_##dev>::run)
+#define DZ_IMPL_ALL(m, dev)               \
+  DZ_IMPL(m, channel_chain, dev);         \
+  DZ_IMPL(m, conv_delta_chain, dev);      \
+  DZ_IMPL(m, bn_act_dense, dev);          \
+  DZ_IMPL(m, conv1ch_chain, dev);         \
+  DZ_IMPL(m, linear_weight_ce, dev);      \
+  DZ_IMPL(m, linear_rank1_ce, dev);       \
+  DZ_IMPL(m, linear_dense_ce, dev)
+
+TORCH_LIBRARY_IMPL(deepzero, CPU, m) { DZ_IMPL_ALL(m, cpu); }
+
+#ifdef DZ_WITH_CUDA
+TORCH_LIBRARY_IMPL(deepzero, CUDA, m) { DZ_IMPL_ALL(m, cuda); }
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "deepzero_kernels native backend (C++/OpenMP and CUDA); semantics: deepzero_kernels.kernels.reference";
-  using namespace dz;
-  auto nogil = py::call_guard<py::gil_scoped_release>();
-  m.def("channel_chain", &channel_chain, "reference.channel_chain", nogil);
-  m.def("conv_delta_chain", &conv_delta_chain, "reference.conv_delta_chain", nogil);
-  m.def("conv1ch_chain", &conv1ch_chain, "reference.conv1ch_chain", nogil);
-  m.def("bn_act_dense", &bn_act_dense, "reference.bn_act_dense", nogil);
-  m.def("linear_weight_ce", &linear_weight_ce, "reference.linear_weight_ce", nogil);
-  m.def("linear_rank1_ce", &linear_rank1_ce, "reference.linear_rank1_ce", nogil);
-  m.def("linear_dense_ce", &linear_dense_ce, "reference.linear_dense_ce", nogil);
-  m.def("has_cuda", &has_cuda, "whether the extension was built with CUDA kernels");
+  m.doc() = "deepzero_kernels native backend (C++/OpenMP and CUDA): importing it registers the operators "
+            "torch.ops.deepzero.*; semantics: deepzero_kernels.kernels.reference";
+  m.def("has_cuda", &dz::has_cuda, "whether the extension was built with CUDA kernels");
   m.def("cpu_isa", &dz::cpu_isa, "instruction set of the CPU kernels: 'avx2' or 'baseline'");
   m.def("set_cpu_isa", &dz::set_cpu_isa, "force the CPU kernels' instruction set: 'auto', 'baseline' or 'avx2'");
 }

@@ -141,11 +141,11 @@ void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restric
                  T* __restrict t, T* __restrict rm) {
   const int64_t HW = a.H * a.W, c = a.ch[k], off = (b * a.C + c) * HW;
   // BatchNorm delta, in the reference's order: (c0 + x_hat c1) + d c2, or d * w.
-  if (a.bn_mode == 1) {
+  if (a.bn_mode == BnMode::Batch) {
     const T c0 = T(cf.c0), c1 = T(cf.c1), c2 = T(cf.c2);
     const T* __restrict xh = a.xhat + off;
     for (int64_t e = 0; e < HW; ++e) t[e] = (c0 + xh[e] * c1) + d[e] * c2;
-  } else if (a.bn_mode == 2) {
+  } else if (a.bn_mode == BnMode::Running) {
     const T w = a.bnw[c];
     for (int64_t e = 0; e < HW; ++e) t[e] = d[e] * w;
   } else {
@@ -175,7 +175,7 @@ template <typename T, typename Src>
 void run_onech(const OneChArgs<T>& a, const Src& src) {
   const int nt = num_threads();
   const int64_t HW = a.H * a.W, B = a.B, K = a.K;
-  const bool stats = a.bn_mode == 1;
+  const bool stats = a.bn_mode == BnMode::Batch;
   if (K >= 2 * nt) {
     // One item per perturbation: its statistics pass and apply pass run back to back on data that is
     // still in this core's cache.
@@ -345,19 +345,19 @@ struct ConvSrc {
   }
 };
 
-// BatchNorm (mode 1: ((v - mean) * rstd) * w + b, the reference's order; mode 2: v * w + b), residual
+// BatchNorm (Batch: ((v - mean) * rstd) * w + b, the reference's order; Running: v * w + b), residual
 // and ReLU in one pass; the variants are compiled separately so each loop is branch-free.
-template <typename T, int MODE, bool RES, bool RELU>
+template <typename T, BnMode MODE, bool RES, bool RELU>
 void affine_act(const T* __restrict v, const T* __restrict res, T m, T r, T w, T bb, int64_t n, T* __restrict t) {
   for (int64_t e = 0; e < n; ++e) {
-    T y = MODE == 1 ? ((v[e] - m) * r) * w + bb : MODE == 2 ? v[e] * w + bb : v[e];
+    T y = MODE == BnMode::Batch ? ((v[e] - m) * r) * w + bb : MODE == BnMode::Running ? v[e] * w + bb : v[e];
     if (RES) y += res[e];
     if (RELU) y = y > T(0) ? y : (y != y ? y : T(0));  // NaN propagates, as clamp_min
     t[e] = y;
   }
 }
 
-template <typename T, int MODE>
+template <typename T, BnMode MODE>
 void affine_act_mode(bool relu, const T* v, const T* res, T m, T r, T w, T bb, int64_t n, T* t) {
   if (res) {
     relu ? affine_act<T, MODE, true, true>(v, res, m, r, w, bb, n, t)
@@ -374,14 +374,15 @@ void dense_apply(const DenseArgs<T>& a, int64_t b, int64_t k, int64_t c, const T
                  T* __restrict t, T* __restrict rm, T* __restrict pbuf) {
   const int64_t HW = a.H * a.W, item = (b * a.K + k) * a.C + c;
   const T* res = a.residual ? a.residual + (b * a.C + c) * HW : nullptr;
-  const T w = a.bn_mode ? a.bnw[c] : T(1), bb = a.bn_mode ? a.bnb[c] : T(0);
+  const bool bn = a.bn_mode != BnMode::None;
+  const T w = bn ? a.bnw[c] : T(1), bb = bn ? a.bnb[c] : T(0);
   T* dst = a.pk || a.gavg ? t : a.out + item * HW;  // without pool or average: straight to the output
-  if (a.bn_mode == 1)
-    affine_act_mode<T, 1>(a.relu, v, res, mean, rstd, w, bb, HW, dst);
-  else if (a.bn_mode == 2)
-    affine_act_mode<T, 2>(a.relu, v, res, mean, rstd, w, bb, HW, dst);
+  if (a.bn_mode == BnMode::Batch)
+    affine_act_mode<T, BnMode::Batch>(a.relu, v, res, mean, rstd, w, bb, HW, dst);
+  else if (a.bn_mode == BnMode::Running)
+    affine_act_mode<T, BnMode::Running>(a.relu, v, res, mean, rstd, w, bb, HW, dst);
   else
-    affine_act_mode<T, 0>(a.relu, v, res, mean, rstd, w, bb, HW, dst);
+    affine_act_mode<T, BnMode::None>(a.relu, v, res, mean, rstd, w, bb, HW, dst);
   const T* r = dst;
   int64_t n = HW;
   if (a.pk) {
@@ -408,7 +409,7 @@ void run_dense(const DenseArgs<T>& a, const Src& src) {
       const int64_t k = kc / a.C, c = kc % a.C;
       src.fill(local, k, c, vbuf.data(), planes.data());
       T tm = T(0), rstd = T(0);
-      if (a.bn_mode == 1) {  // two-pass statistics in double, as the reference
+      if (a.bn_mode == BnMode::Batch) {  // two-pass statistics in double, as the reference
         // computed planes are contiguous in vbuf: one long run; tensor planes are strided by K * C
         const bool flat = planes[0] == vbuf.data();
         const int64_t runs = flat ? 1 : B, len = flat ? B * HW : HW;

@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) onech_kernel(OneChArgs<T> a, Src src
     return;
   }
   T c0 = T(0), c1 = T(0), c2 = T(0);
-  if (a.bn_mode == 1) {
+  if (a.bn_mode == BnMode::Batch) {
     double s[3] = {0.0, 0.0, 0.0};
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
       const int64_t b = e / HW, r = e % HW;
@@ -118,11 +118,11 @@ __global__ void __launch_bounds__(kThreads) onech_kernel(OneChArgs<T> a, Src src
     const BnCoef cf = bn_delta_coef(s[0], s[1], s[2], double(n), double(a.inv_std[c]), double(a.bnw[c]));
     c0 = T(cf.c0), c1 = T(cf.c1), c2 = T(cf.c2);
   }
-  const T w2 = a.bn_mode == 2 ? a.bnw[c] : T(1);
+  const T w2 = a.bn_mode == BnMode::Running ? a.bnw[c] : T(1);
   auto bn = [&](int64_t b, int64_t r) -> T {
     const T d = src(b, k, r);
-    if (a.bn_mode == 1) return (c0 + a.xhat[(b * a.C + c) * HW + r] * c1) + d * c2;
-    return a.bn_mode == 2 ? d * w2 : d;
+    if (a.bn_mode == BnMode::Batch) return (c0 + a.xhat[(b * a.C + c) * HW + r] * c1) + d * c2;
+    return a.bn_mode == BnMode::Running ? d * w2 : d;
   };
   if (!a.relu_base) {
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
@@ -198,10 +198,10 @@ __global__ void __launch_bounds__(kThreads) dense_kernel(DenseArgs<T> a, Src src
       a.out[((e / plane) * a.K + k) * a.C * plane + c * plane + e % plane] = nan_of<T>();
     return;
   }
-  const bool use_cache = cache && a.bn_mode == 1;
+  const bool use_cache = cache && a.bn_mode == BnMode::Batch;
   auto val = [&](int64_t b, int64_t r) -> T { return use_cache ? vc[b * HW + r] : src(b, k, c, r); };
   T mean = T(0), rstd = T(0);
-  if (a.bn_mode == 1) {
+  if (a.bn_mode == BnMode::Batch) {
     double s[1] = {0.0};
     for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
       const T v = src(e / HW, k, c, e % HW);
@@ -218,10 +218,13 @@ __global__ void __launch_bounds__(kThreads) dense_kernel(DenseArgs<T> a, Src src
     block_sum<1>(q, sh);
     mean = T(m), rstd = T(1.0 / sqrt(q[0] / double(n) + a.eps));
   }
-  const T w = a.bn_mode ? a.bnw[c] : T(1), bb = a.bn_mode ? a.bnb[c] : T(0);
+  const bool bn = a.bn_mode != BnMode::None;
+  const T w = bn ? a.bnw[c] : T(1), bb = bn ? a.bnb[c] : T(0);
   auto post = [&](int64_t b, int64_t r) -> T {  // BatchNorm -> residual -> ReLU, in the reference's order
     const T v = val(b, r);
-    T y = a.bn_mode == 1 ? ((v - mean) * rstd) * w + bb : a.bn_mode == 2 ? v * w + bb : v;
+    T y = a.bn_mode == BnMode::Batch     ? ((v - mean) * rstd) * w + bb
+          : a.bn_mode == BnMode::Running ? v * w + bb
+                                         : v;
     if (a.residual) y += a.residual[(b * a.C + c) * HW + r];
     if (a.relu) y = y > T(0) ? y : (y != y ? y : T(0));
     return y;
@@ -359,7 +362,7 @@ template <typename T, typename Src>
 void launch_dense(const DenseArgs<T>& a, const Src& src) {
   if (a.K * a.C == 0) return;
   const size_t bytes = size_t(a.B * a.H * a.W) * sizeof(T);
-  const bool cache = a.bn_mode == 1 && bytes <= kCacheLimit;
+  const bool cache = a.bn_mode == BnMode::Batch && bytes <= kCacheLimit;
   auto kernel = cuda::dense_kernel<T, Src>;
   DZ_LAUNCH_BLOCK(kernel, unsigned(a.K * a.C), cuda::kThreads, cache ? bytes : 0, a, src, cache);
 }

@@ -15,13 +15,21 @@
 
 namespace dz {
 
+// The BatchNorm in a chain; the same values as deepzero_kernels.kernels.BnMode (Python), which the
+// operators receive as an int (see chain_args.h: bn_mode_of checks and converts it).
+enum class BnMode : int64_t {
+  None = 0,     // no BatchNorm
+  Batch = 1,    // batch statistics (training mode): each perturbation's own mean and variance
+  Running = 2,  // running statistics (eval mode): a fixed per-channel affine y = x * w + b
+};
+
 // Arguments of the one-channel chain ((B, K, H, W) delta -> (B, K, H', W') change), the same for the
 // CPU and CUDA launchers.
 template <typename T>
 struct OneChArgs {
   int64_t B, K, C, H, W, Hp, Wp;
   const int64_t* ch;  // channel of each perturbation
-  int64_t bn_mode;
+  BnMode bn_mode;
   const T *xhat, *inv_std, *bnw, *relu_base;
   int64_t pk, ps;
   const T* pool_base;
@@ -33,7 +41,7 @@ struct OneChArgs {
 template <typename T>
 struct DenseArgs {
   int64_t B, K, C, H, W, Hp, Wp;
-  int64_t bn_mode;
+  BnMode bn_mode;
   const T *bnw, *bnb;
   double eps;
   const T* residual;
@@ -73,6 +81,12 @@ DZ_HD T relu_delta(T x0, T d) {
 // Ceil-mode max pool without padding: window p covers [p*s, min(p*s + k, n)) (clipped at the border;
 // every window starts inside, see reference.pool_out).
 DZ_HD int64_t pool_out(int64_t n, int64_t k, int64_t s) { return n >= k ? (n - k + s - 1) / s + 1 : 1; }
+
+// Output length of a convolution along one dim (pad on each side), formulas.conv_out_size; < 1 when the
+// dilated kernel does not fit the padded input.
+DZ_HD int64_t conv_out_size(int64_t n, int64_t k, int64_t stride, int64_t pad, int64_t dil) {
+  return floordiv(n + 2 * pad - dil * (k - 1) - 1, stride) + 1;
+}
 
 // Coefficients of the BatchNorm (batch statistics) output change for one (perturbation, channel):
 // out' - out = c0 + x_hat * c1 + delta * c2, from the moments of delta over the n reduced elements

@@ -23,6 +23,7 @@ Patterns (``[]`` optional; every inner node has a single user):
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ from torch.fx import Node
 from .deltas import ChannelDelta, DenseDelta, DenseValue, to_values
 from .formulas import bn_running_scale, conv_padding, conv_weight_coords, pool_out
 from .functional import has_hooks
+from .kernels import NO_BN, NO_POOL, BnArgs, ConvArgs, PoolArgs
 from .rules import uses_batch_stats
 
 __all__ = ["Fused", "LossDelta", "fused_source", "fused_node"]
@@ -172,43 +174,40 @@ def _place(head: Node, ch: _Chain, rep) -> dict:
 
 
 # ----------------------------------------------------------------------------- BatchNorm arguments
-def _bn_channel_args(ctx, bn_node: Node | None, like: torch.Tensor):
-    """(mode, x_hat, inv_std, weight) of a BatchNorm for one-channel deltas."""
-    empty = like.new_empty(0)
+def _bn_channel(ctx, bn_node: Node | None, like: torch.Tensor) -> BnArgs:
+    """The BatchNorm of a one-channel chain: its base batch's statistics, or its running scale."""
     if bn_node is None:
-        return 0, empty, empty, empty
+        return NO_BN
     bn = ctx.module(bn_node)
-    c = bn.num_features
     if uses_batch_stats(bn):
         x_hat, inv_std = ctx.bn_stats(bn_node, bn_node.args[0])
-        w = bn.weight.detach() if bn.weight is not None else inv_std.new_ones(c)
-        return 1, x_hat.contiguous(), inv_std.contiguous(), w.contiguous()
+        w = bn.weight.detach() if bn.weight is not None else inv_std.new_ones(bn.num_features)
+        return BnArgs.batch(w.contiguous(), xhat=x_hat.contiguous(), inv_std=inv_std.contiguous())
     scale = bn_running_scale(bn.running_var, bn.eps, None if bn.weight is None else bn.weight.detach())
-    return 2, empty, empty, scale.to(empty.dtype).contiguous()
+    return BnArgs.running(scale.to(like.dtype).contiguous())
 
 
-def _bn_dense_args(ctx, bn_node: Node, like: torch.Tensor):
-    """(mode, weight, bias, eps) of a BatchNorm applied to dense perturbed values."""
-    empty = like.new_empty(0)
+def _bn_dense(ctx, bn_node: Node | None, like: torch.Tensor) -> BnArgs:
+    """The BatchNorm of a dense chain: its affine and eps, or the running statistics folded in."""
     if bn_node is None:
-        return 0, empty, empty, 1e-5
+        return NO_BN
     bn = ctx.module(bn_node)
-    c = bn.num_features
-    w = bn.weight.detach() if bn.weight is not None else like.new_ones(c)
-    b = bn.bias.detach() if bn.bias is not None else like.new_zeros(c)
+    w = bn.weight.detach() if bn.weight is not None else like.new_ones(bn.num_features)
+    b = bn.bias.detach() if bn.bias is not None else like.new_zeros(bn.num_features)
     if uses_batch_stats(bn):
-        return 1, w.contiguous(), b.contiguous(), float(bn.eps)
+        return BnArgs.batch(w.contiguous(), bias=b.contiguous(), eps=float(bn.eps))
     scale = bn_running_scale(bn.running_var, bn.eps, w)
-    return 2, scale.contiguous(), (b - bn.running_mean * scale).contiguous(), float(bn.eps)
+    return BnArgs.running(scale.contiguous(), (b - bn.running_mean * scale).contiguous())
 
 
-def _tail_args(ctx, ch: _Chain, like: torch.Tensor):
-    empty = like.new_empty(0)
-    relu_base = ctx.base(ch.relu.args[0]).contiguous() if ch.relu is not None else empty
-    if ch.pool is not None:
-        k, s = _max_pool(ctx, ch.pool, *ctx.base(ch.relu).shape[-2:])
-        return relu_base, k, s, ctx.base(ch.pool).contiguous()
-    return relu_base, 0, 0, empty
+def _pool(ctx, ch: _Chain) -> PoolArgs:
+    return PoolArgs(*_max_pool(ctx, ch.pool, *ctx.base(ch.relu).shape[-2:])) if ch.pool is not None else NO_POOL
+
+
+def _channel_tail(ctx, ch: _Chain) -> dict:
+    """The ReLU and pool of a one-channel chain: the kernels' ``relu_base``, ``pool``, ``pool_base``."""
+    return dict(relu_base=ctx.base(ch.relu.args[0]).contiguous() if ch.relu is not None else None,
+                pool=_pool(ctx, ch), pool_base=ctx.base(ch.pool).contiguous() if ch.pool is not None else None)
 
 
 def _channel_rep(ctx, ch: _Chain, head: Node, index, values):
@@ -236,11 +235,9 @@ def fused_source(ctx, node: Node, mod, pname: str, param, idx: torch.Tensor, mu:
         pad_l, _, pad_t, _ = conv_padding(mod.padding, mod.kernel_size, mod.dilation)
         o, src, u, v = conv_weight_coords(param.shape, idx, mod.groups)
         ch = _match(ctx, node, at_head=False, allow_gap=False)
-        bn_mode, x_hat, inv_std, bn_w = _bn_channel_args(ctx, ch.bn, yb)
-        relu_base, pk, ps, pool_base = _tail_args(ctx, ch, yb)
         vals = kern.conv_delta_chain(xb.contiguous(), src, u * mod.dilation[0] - pad_t, v * mod.dilation[1] - pad_l,
-                                     o, mu, mod.stride[0], mod.stride[1], yb.shape[2], yb.shape[3], c_out,
-                                     bn_mode, x_hat, inv_std, bn_w, relu_base, pk, ps, pool_base)
+                                     o, mu, stride=mod.stride, out_size=yb.shape[2:], c_out=c_out,
+                                     bn=_bn_channel(ctx, ch.bn, yb), **_channel_tail(ctx, ch))
         return _place(node, ch, _channel_rep(ctx, ch, node, o, vals))
     if isinstance(mod, nn.Linear) and pname == "weight" and xb.dim() == 2 and _logits_ce(ctx, node):
         return {node: LossDelta(kern.linear_weight_ce(xb.contiguous(), yb.contiguous(), ctx.targets, idx, mu))}
@@ -263,10 +260,8 @@ def fused_node(ctx, node: Node):
     if type(rep) is ChannelDelta and xb.dim() == 4 and tuple(rep.view) == tuple(xb.shape[1:]):
         if _bn2d(ctx, node) is not None or _is_relu(ctx, node):
             ch = _match(ctx, node, at_head=True, allow_gap=False)
-            bn_mode, x_hat, inv_std, bn_w = _bn_channel_args(ctx, ch.bn, xb)
-            relu_base, pk, ps, pool_base = _tail_args(ctx, ch, xb)
-            vals = kern.channel_chain(rep.values.contiguous(), rep.index, bn_mode, x_hat, inv_std, bn_w,
-                                      relu_base, pk, ps, pool_base)
+            vals = kern.channel_chain(rep.values.contiguous(), rep.index, bn=_bn_channel(ctx, ch.bn, xb),
+                                      **_channel_tail(ctx, ch))
             return _place(node, ch, _channel_rep(ctx, ch, node, rep.index, vals))
         if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros" \
                 and not isinstance(mod.padding, str) and len(node.args) == 1 and not node.kwargs:
@@ -275,8 +270,7 @@ def fused_node(ctx, node: Node):
             and uses_batch_stats(mod):
         ch = _match(ctx, node, at_head=True, allow_gap=True)
         v = to_values(rep, xb).contiguous()
-        bn_mode, w, b, eps = _bn_dense_args(ctx, node, v)
-        return _dense_tail(ctx, node, ch, v, lambda *a: kern.bn_act_dense(v, bn_mode, w, b, eps, *a))
+        return _dense_tail(ctx, node, ch, functools.partial(kern.bn_act_dense, v, bn=_bn_dense(ctx, node, v)))
     if isinstance(mod, nn.Linear) and xb.dim() == 2 and len(node.args) == 1 and _logits_ce(ctx, node):
         yb, wt = ctx.base(node).contiguous(), mod.weight.detach().contiguous()
         if type(rep) is ChannelDelta and len(rep.view) == 1:
@@ -287,13 +281,10 @@ def fused_node(ctx, node: Node):
     return NotImplemented
 
 
-def _dense_tail(ctx, head: Node, ch: _Chain, like, launch):
+def _dense_tail(ctx, head: Node, ch: _Chain, launch):
     """Launch a dense chain kernel with the tail of ``ch``; the result is the last node's values."""
-    residual = ctx.base(ch.adds[0][1]).contiguous() if ch.adds else like.new_empty(0)
-    pk = ps = 0
-    if ch.pool is not None:
-        pk, ps = _max_pool(ctx, ch.pool, *ctx.base(ch.relu).shape[-2:])
-    out = launch(residual, ch.relu is not None, pk, ps, ch.gap is not None)
+    out = launch(residual=ctx.base(ch.adds[0][1]).contiguous() if ch.adds else None, relu=ch.relu is not None,
+                 pool=_pool(ctx, ch), global_avg=ch.gap is not None)
     if ch.gap is not None:
         out = out[..., None, None]  # the adaptive pool keeps (1, 1) spatial dims
     return _place(head, ch, DenseValue(out))
@@ -307,8 +298,7 @@ def _conv1ch(ctx, node: Node, conv: nn.Conv2d, rep: ChannelDelta):
         return NotImplemented  # no nonlinearity: the delta rule keeps an exact (cheaper) DenseDelta
     base_out = ctx.base(node).contiguous()
     w = conv.weight.detach().contiguous()
-    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (conv.padding, conv.padding)
-    bn_mode, bw, bb, eps = _bn_dense_args(ctx, ch.bn, base_out)
-    return _dense_tail(ctx, node, ch, base_out, lambda *a: kern.conv1ch_chain(
-        rep.values.contiguous(), rep.index, w, conv.stride[0], conv.stride[1], ph, pw,
-        conv.dilation[0], conv.dilation[1], base_out, bn_mode, bw, bb, eps, *a))
+    geometry = ConvArgs(conv.stride, conv.padding if isinstance(conv.padding, tuple) else (conv.padding,) * 2,
+                        conv.dilation)
+    return _dense_tail(ctx, node, ch, functools.partial(kern.conv1ch_chain, rep.values.contiguous(), rep.index, w,
+                                                        base_out, conv=geometry, bn=_bn_dense(ctx, ch.bn, base_out)))

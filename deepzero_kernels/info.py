@@ -19,8 +19,8 @@ import sys
 import torch
 
 import deepzero_kernels
-from . import kernels, native_build, runtime
-from .kernels import KERNEL_NAMES
+from . import kernels, runtime
+from .kernels import KERNEL_NAMES, native_build
 
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND", "OMP_PLACES",
             "MKL_NUM_THREADS", "KMP_BLOCKTIME", "DZ_CPU_ISA", "DZ_NO_JIT", "DZ_NO_NATIVE", "DZ_NATIVE_REQUIRED",

@@ -16,57 +16,32 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .formulas import (batch_norm_delta, conv2d_weight_delta, conv_padding, conv_weight_coords, cross_entropy_delta,
                        linear_weight_delta, pair)
 
 __all__ = ["conv2d_perturbed", "linear_perturbed", "conv2d_weight_delta", "linear_weight_delta",
            "batch_norm_delta", "cross_entropy_delta", "backends", "resolve_backend"]
 
-_BACKENDS = ("auto", "torch", "triton", "native")
-
 
 # ----------------------------------------------------------------------------- backends
 def backends(device: torch.device | str | None = None) -> dict:
     """Report which backends are available on ``device`` (default CPU): ``{name: (available, reason)}``."""
-    from . import kernels
     return {"torch": (True, "always available; defines the semantics"), **kernels.available(device)}
 
 
-_warned: set = set()
-
-
 def resolve_backend(backend: str, device: torch.device | None = None) -> str:
-    """Map a user's ``backend`` choice to an available backend for ``device``.
+    """Map a user's ``backend`` choice to an available backend for ``device`` (the kernel registry's
+    :func:`~deepzero_kernels.kernels.resolve`).
 
     ``auto`` picks ``native`` when it is built for the device, else ``triton`` on a GPU, else
     ``torch``; it never fails, and says once (a warning) which optional backend it could not
     use. Naming an unavailable backend is a ``ValueError`` with the reason."""
-    if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    device = torch.device(device or "cpu")
-    avail = backends(device)
-    if backend == "auto":
-        if avail["native"][0]:
-            return "native"
-        if device.type == "cuda" and avail["triton"][0]:
-            return "triton"
-        key = (device.type, avail["native"][1])
-        if key not in _warned:
-            _warned.add(key)
-            extra = f" triton: {avail['triton'][1]}." if device.type == "cuda" else ""
-            warnings.warn(f"deepzero_kernels: backend='auto' falls back to the slower torch backend on "
-                          f"{device.type} (the fused kernels are several times faster). native: "
-                          f"{avail['native'][1]}.{extra}", stacklevel=3)
-        return "torch"
-    ok, why = avail[backend]
-    if not ok:
-        raise ValueError(f"backend={backend!r} is not available on {device.type}: {why}")
-    return backend
+    return kernels.resolve(backend, device)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -203,11 +178,9 @@ def conv2d_perturbed(x, weight, bias, idx, mu, *, stride=1, padding=0, dilation=
     k = idx.numel()
     out = base.unsqueeze(0).repeat(k, 1, 1, 1, 1)
     if param == "weight" and backend != "torch" and x.dtype in (torch.float32, torch.float64):
-        from . import kernels  # the gather kernel: the chain with nothing after the conv
-        ch, src, u, v = conv_weight_coords(weight.shape, idx, groups)
-        vals = kernels.get(backend).conv_delta_chain(
-            x, src, u * dilation[0] - pad[2], v * dilation[1] - pad[0], ch, mu, stride[0], stride[1],
-            base.shape[2], base.shape[3], weight.shape[0])
+        ch, src, u, v = conv_weight_coords(weight.shape, idx, groups)  # the gather kernel, no chain after it
+        vals = kernels.get(backend).conv_delta_chain(x, src, u * dilation[0] - pad[2], v * dilation[1] - pad[0], ch,
+                                                     mu, stride=stride, out_size=base.shape[2:], c_out=weight.shape[0])
         out[torch.arange(k, device=x.device), :, ch] += vals.transpose(0, 1)
     elif param == "weight":
         ch, vals = conv2d_weight_delta(x, weight.shape, idx, mu, stride=stride, pad=pad,

@@ -16,6 +16,8 @@
 
 namespace {
 
+using dz::BnMode;
+
 int failures = 0, checks = 0;
 
 // |got - want| <= tol * max(|want|_max, floor), elementwise.
@@ -58,15 +60,16 @@ std::vector<double> pool_plane(const double* t, int64_t H, int64_t W, int64_t k,
 // ---------------------------------------------------------------- naive one-channel chain
 // The definition: the BatchNorm output with the changed channel's own statistics minus the base one
 // (statistics recomputed from scratch), then ReLU and pool of perturbed minus base.
-at::Tensor naive_onech(const at::Tensor& values_, const at::Tensor& channel, int64_t mode, const at::Tensor& xhat_,
+at::Tensor naive_onech(const at::Tensor& values_, const at::Tensor& channel, BnMode mode, const at::Tensor& xhat_,
                        const at::Tensor& inv_, const at::Tensor& bnw_, const at::Tensor& relu_base_, int64_t pk,
                        int64_t ps, const at::Tensor& pool_base_) {
   const at::Tensor values = D(values_);
   const int64_t B = values.size(0), K = values.size(1), H = values.size(2), W = values.size(3), HW = H * W;
-  const at::Tensor xhat = mode == 1 ? D(xhat_) : xhat_, inv = mode == 1 ? D(inv_) : inv_;
-  const at::Tensor bnw = mode ? D(bnw_) : bnw_, x0t = relu_base_.numel() ? D(relu_base_) : relu_base_;
+  const bool batch = mode == BnMode::Batch, bn = mode != BnMode::None;
+  const at::Tensor xhat = batch ? D(xhat_) : xhat_, inv = batch ? D(inv_) : inv_;
+  const at::Tensor bnw = bn ? D(bnw_) : bnw_, x0t = relu_base_.numel() ? D(relu_base_) : relu_base_;
   const at::Tensor pbt = pk ? D(pool_base_) : pool_base_;
-  const int64_t C = x0t.numel() ? x0t.size(1) : mode ? bnw.size(0) : 0;
+  const int64_t C = x0t.numel() ? x0t.size(1) : bn ? bnw.size(0) : 0;
   const int64_t Hp = pk ? pool_len(H, pk, ps) : H, Wp = pk ? pool_len(W, pk, ps) : W;
   at::Tensor out = at::zeros({B, K, Hp, Wp}, at::kDouble);
   const double* v = values.data_ptr<double>();
@@ -76,7 +79,7 @@ at::Tensor naive_onech(const at::Tensor& values_, const at::Tensor& channel, int
     std::vector<double> d(B * HW);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t r = 0; r < HW; ++r) d[b * HW + r] = v[(b * K + k) * HW + r];
-    if (mode == 1) {
+    if (batch) {
       const double* xh = xhat.data_ptr<double>();
       const double iv = inv.data_ptr<double>()[c], w = bnw.data_ptr<double>()[c];
       double var0 = 0, mean = 0, var = 0;
@@ -96,7 +99,7 @@ at::Tensor naive_onech(const at::Tensor& values_, const at::Tensor& channel, int
           const double x = xh[(b * C + c) * HW + r];
           d[b * HW + r] = w * ((x + d[b * HW + r] - mean) / sd - x * iv);
         }
-    } else if (mode == 2) {
+    } else if (mode == BnMode::Running) {
       for (double& e : d) e *= bnw.data_ptr<double>()[c];
     }
     for (int64_t b = 0; b < B; ++b) {
@@ -122,7 +125,7 @@ at::Tensor naive_onech(const at::Tensor& values_, const at::Tensor& channel, int
 }
 
 // ---------------------------------------------------------------------- naive dense chain
-at::Tensor naive_dense(const at::Tensor& values_, int64_t mode, const at::Tensor& bnw_, const at::Tensor& bnb_,
+at::Tensor naive_dense(const at::Tensor& values_, BnMode mode, const at::Tensor& bnw_, const at::Tensor& bnb_,
                        double eps, const at::Tensor& residual_, bool relu, int64_t pk, int64_t ps, bool gavg) {
   const at::Tensor v = D(values_);
   const int64_t B = v.size(0), K = v.size(1), C = v.size(2), H = v.size(3), W = v.size(4), HW = H * W;
@@ -143,8 +146,9 @@ at::Tensor naive_dense(const at::Tensor& values_, int64_t mode, const at::Tensor
         std::vector<double> t(HW);
         for (int64_t r = 0; r < HW; ++r) {
           double y = at_(b, r);
-          if (mode == 1) y = (y - mean) / std::sqrt(var + eps) * D(bnw_)[c].item<double>() + D(bnb_)[c].item<double>();
-          if (mode == 2) y = y * D(bnw_)[c].item<double>() + D(bnb_)[c].item<double>();
+          if (mode == BnMode::Batch)
+            y = (y - mean) / std::sqrt(var + eps) * D(bnw_)[c].item<double>() + D(bnb_)[c].item<double>();
+          if (mode == BnMode::Running) y = y * D(bnw_)[c].item<double>() + D(bnb_)[c].item<double>();
           if (residual_.numel()) y += D(residual_).data_ptr<double>()[(b * C + c) * HW + r];
           t[r] = relu ? std::max(y, 0.0) : y;
         }
@@ -206,7 +210,8 @@ double tol_exact(at::ScalarType t) { return t == at::kFloat ? 2e-4 : 1e-9; }   /
 double tol_same(at::ScalarType t) { return t == at::kFloat ? 2e-5 : 1e-12; }   // emulated CUDA vs CPU
 
 struct ConvCase {
-  int64_t B, Ci, H, W, Co, kh, kw, st, pad, dil, mode;
+  int64_t B, Ci, H, W, Co, kh, kw, st, pad, dil;
+  BnMode mode;
   bool relu;
   int64_t pk, ps, K;
 };
@@ -215,11 +220,11 @@ void test_conv_delta_chain(const ConvCase& cs, at::ScalarType dt) {
   const std::string name = "conv_delta_chain[B" + std::to_string(cs.B) + " H" + std::to_string(cs.H) + " W" +
                            std::to_string(cs.W) + " k" + std::to_string(cs.kh) + "x" + std::to_string(cs.kw) +
                            " s" + std::to_string(cs.st) + " p" + std::to_string(cs.pad) + " d" +
-                           std::to_string(cs.dil) + " bn" + std::to_string(cs.mode) + " pool" +
+                           std::to_string(cs.dil) + " bn" + std::to_string(int(cs.mode)) + " pool" +
                            std::to_string(cs.pk) + " K" + std::to_string(cs.K) + " " + dname(dt) + "]";
   auto opt = at::TensorOptions().dtype(dt);
-  const int64_t Ho = (cs.H + 2 * cs.pad - cs.dil * (cs.kh - 1) - 1) / cs.st + 1;
-  const int64_t Wo = (cs.W + 2 * cs.pad - cs.dil * (cs.kw - 1) - 1) / cs.st + 1;
+  const int64_t Ho = dz::conv_out_size(cs.H, cs.kh, cs.st, cs.pad, cs.dil);
+  const int64_t Wo = dz::conv_out_size(cs.W, cs.kw, cs.st, cs.pad, cs.dil);
   const at::Tensor x = at::randn({cs.B, cs.Ci, cs.H, cs.W}, opt);
   const at::Tensor src = at::randint(cs.Ci, {cs.K}, at::kLong), outc = at::randint(cs.Co, {cs.K}, at::kLong);
   const at::Tensor oh = at::randint(cs.kh, {cs.K}, at::kLong) * cs.dil - cs.pad;
@@ -241,7 +246,9 @@ void test_conv_delta_chain(const ConvCase& cs, at::ScalarType dt) {
     pb = pb.to(dt);
   }
   const double mu = 3e-2;
-  const at::Tensor bx = cs.mode == 1 ? xhat : e, bi = cs.mode == 1 ? inv : e, bw = cs.mode ? bnw : e;
+  const bool batch = cs.mode == BnMode::Batch, bn = cs.mode != BnMode::None;
+  const at::Tensor bx = batch ? xhat : e, bi = batch ? inv : e, bw = bn ? bnw : e;
+  const int64_t mode = int64_t(cs.mode);  // the operators' int
   // the definition: the gathered delta (plain loops), then the chain
   at::Tensor vals = at::zeros({cs.B, cs.K, Ho, Wo}, at::kDouble);
   const at::Tensor xd = D(x);
@@ -257,29 +264,30 @@ void test_conv_delta_chain(const ConvCase& cs, at::ScalarType dt) {
   const at::Tensor want = naive_onech(vals, outc, cs.mode, bx, bi, bw, x0, cs.pk, cs.ps, pb);
   for (const char* isa : {"baseline", "avx2"}) {
     dz::set_cpu_isa(isa);
-    const at::Tensor got = dz::conv_delta_chain_cpu(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, cs.mode, bx, bi,
+    const at::Tensor got = dz::conv_delta_chain_cpu(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, mode, bx, bi,
                                                     bw, x0, cs.pk, cs.ps, pb);
     expect_close(name + " cpu-" + dz::cpu_isa() + " vs definition", got, want, tol_exact(dt), mu);
   }
   dz::set_cpu_isa("auto");
-  const at::Tensor cpu = dz::conv_delta_chain_cpu(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, cs.mode, bx, bi, bw,
+  const at::Tensor cpu = dz::conv_delta_chain_cpu(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, mode, bx, bi, bw,
                                                   x0, cs.pk, cs.ps, pb);
-  const at::Tensor gpu = dz::conv_delta_chain_cuda(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, cs.mode, bx, bi,
+  const at::Tensor gpu = dz::conv_delta_chain_cuda(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, mode, bx, bi,
                                                    bw, x0, cs.pk, cs.ps, pb);
   expect_close(name + " cuda(emulated) vs cpu", gpu, cpu, tol_same(dt), mu);
   // channel_chain on the same chain: the values are given instead of gathered
-  if (cs.mode || cs.relu) {
+  if (bn || cs.relu) {
     const at::Tensor v = at::randn({cs.B, cs.K, Ho, Wo}, opt) * 0.05;
     const at::Tensor w2 = naive_onech(v, outc, cs.mode, bx, bi, bw, x0, cs.pk, cs.ps, pb);
-    const at::Tensor c2 = dz::channel_chain_cpu(v, outc, cs.mode, bx, bi, bw, x0, cs.pk, cs.ps, pb);
+    const at::Tensor c2 = dz::channel_chain_cpu(v, outc, mode, bx, bi, bw, x0, cs.pk, cs.ps, pb);
     expect_close(name + " channel_chain cpu vs definition", c2, w2, tol_exact(dt), 0.05);
     expect_close(name + " channel_chain cuda(emulated) vs cpu",
-                 dz::channel_chain_cuda(v, outc, cs.mode, bx, bi, bw, x0, cs.pk, cs.ps, pb), c2, tol_same(dt), 0.05);
+                 dz::channel_chain_cuda(v, outc, mode, bx, bi, bw, x0, cs.pk, cs.ps, pb), c2, tol_same(dt), 0.05);
   }
 }
 
 struct DenseCase {
-  int64_t B, K, Ci, H, W, Co, kh, kw, st, pad, dil, mode;
+  int64_t B, K, Ci, H, W, Co, kh, kw, st, pad, dil;
+  BnMode mode;
   bool res, relu;
   int64_t pk, ps;
   bool gavg;
@@ -289,16 +297,18 @@ void test_dense(const DenseCase& cs, at::ScalarType dt) {
   const std::string name = "conv1ch/bn_act_dense[B" + std::to_string(cs.B) + " K" + std::to_string(cs.K) + " H" +
                            std::to_string(cs.H) + " W" + std::to_string(cs.W) + " k" + std::to_string(cs.kh) + "x" +
                            std::to_string(cs.kw) + " s" + std::to_string(cs.st) + " p" + std::to_string(cs.pad) +
-                           " d" + std::to_string(cs.dil) + " bn" + std::to_string(cs.mode) + " pool" +
+                           " d" + std::to_string(cs.dil) + " bn" + std::to_string(int(cs.mode)) + " pool" +
                            std::to_string(cs.pk) + (cs.gavg ? " gavg " : " ") + dname(dt) + "]";
   auto opt = at::TensorOptions().dtype(dt);
-  const int64_t Ho = (cs.H + 2 * cs.pad - cs.dil * (cs.kh - 1) - 1) / cs.st + 1;
-  const int64_t Wo = (cs.W + 2 * cs.pad - cs.dil * (cs.kw - 1) - 1) / cs.st + 1;
+  const int64_t Ho = dz::conv_out_size(cs.H, cs.kh, cs.st, cs.pad, cs.dil);
+  const int64_t Wo = dz::conv_out_size(cs.W, cs.kw, cs.st, cs.pad, cs.dil);
   const at::Tensor e = at::empty({0}, opt);
   const at::Tensor weight = at::randn({cs.Co, cs.Ci, cs.kh, cs.kw}, opt);
   const at::Tensor base = at::randn({cs.B, cs.Co, Ho, Wo}, opt), delta = at::randn({cs.B, cs.K, cs.H, cs.W}, opt);
   const at::Tensor channel = at::randint(cs.Ci, {cs.K}, at::kLong);
-  const at::Tensor bnw = cs.mode ? at::rand({cs.Co}, opt) + 0.5 : e, bnb = cs.mode ? at::randn({cs.Co}, opt) : e;
+  const bool bn = cs.mode != BnMode::None;
+  const at::Tensor bnw = bn ? at::rand({cs.Co}, opt) + 0.5 : e, bnb = bn ? at::randn({cs.Co}, opt) : e;
+  const int64_t mode = int64_t(cs.mode);  // the operators' int
   const at::Tensor res = cs.res ? at::randn({cs.B, cs.Co, Ho, Wo}, opt) : e;
   const double eps = 1e-5;
   const at::Tensor v = naive_conv1ch_values(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil, base);
@@ -308,20 +318,20 @@ void test_dense(const DenseCase& cs, at::ScalarType dt) {
   for (const char* isa : {"baseline", "avx2"}) {
     dz::set_cpu_isa(isa);
     const at::Tensor got = dz::conv1ch_chain_cpu(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil,
-                                                 base, cs.mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
+                                                 base, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
     expect_close(name + " conv1ch cpu-" + dz::cpu_isa() + " vs definition", got, want, tol_exact(dt));
-    const at::Tensor gd = dz::bn_act_dense_cpu(vt, cs.mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
+    const at::Tensor gd = dz::bn_act_dense_cpu(vt, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
     expect_close(name + " bn_act_dense cpu-" + dz::cpu_isa() + " vs definition", gd, want_d, tol_exact(dt));
   }
   dz::set_cpu_isa("auto");
   const at::Tensor cpu = dz::conv1ch_chain_cpu(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil,
-                                               base, cs.mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
+                                               base, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
   const at::Tensor gpu = dz::conv1ch_chain_cuda(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil,
-                                                base, cs.mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
+                                                base, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
   expect_close(name + " conv1ch cuda(emulated) vs cpu", gpu, cpu, tol_same(dt));
   expect_close(name + " bn_act_dense cuda(emulated) vs cpu",
-               dz::bn_act_dense_cuda(vt, cs.mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg),
-               dz::bn_act_dense_cpu(vt, cs.mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg), tol_same(dt));
+               dz::bn_act_dense_cuda(vt, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg),
+               dz::bn_act_dense_cpu(vt, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg), tol_same(dt));
 }
 
 void test_ce(int64_t B, int64_t Nin, int64_t N, int64_t K, at::ScalarType dt, bool extreme) {
@@ -376,23 +386,24 @@ void test_ce(int64_t B, int64_t Nin, int64_t N, int64_t K, at::ScalarType dt, bo
 
 int main() {
   at::manual_seed(0);
+  constexpr BnMode kNo = BnMode::None, kBa = BnMode::Batch, kRu = BnMode::Running;
   const ConvCase conv_cases[] = {
-      {4, 3, 8, 8, 5, 3, 3, 1, 1, 1, 1, true, 2, 2, 7},     {3, 2, 7, 5, 4, 3, 3, 2, 1, 1, 1, true, 2, 2, 5},
-      {2, 3, 9, 9, 3, 3, 3, 1, 2, 2, 2, true, 3, 2, 6},     {5, 4, 6, 6, 6, 1, 1, 1, 0, 1, 1, false, 0, 0, 4},
-      {1, 2, 5, 5, 3, 3, 3, 1, 0, 1, 0, true, 0, 0, 3},     {3, 3, 1, 1, 2, 1, 1, 1, 0, 1, 1, true, 0, 0, 2},
-      {2, 3, 5, 7, 3, 2, 3, 2, 2, 2, 1, true, 3, 3, 1},     {2, 2, 11, 11, 3, 3, 3, 2, 2, 1, 1, true, 2, 1, 13},
-      {2, 2, 4, 4, 3, 3, 3, 1, 1, 1, 0, false, 0, 0, 3},
+      {4, 3, 8, 8, 5, 3, 3, 1, 1, 1, kBa, true, 2, 2, 7},     {3, 2, 7, 5, 4, 3, 3, 2, 1, 1, kBa, true, 2, 2, 5},
+      {2, 3, 9, 9, 3, 3, 3, 1, 2, 2, kRu, true, 3, 2, 6},     {5, 4, 6, 6, 6, 1, 1, 1, 0, 1, kBa, false, 0, 0, 4},
+      {1, 2, 5, 5, 3, 3, 3, 1, 0, 1, kNo, true, 0, 0, 3},     {3, 3, 1, 1, 2, 1, 1, 1, 0, 1, kBa, true, 0, 0, 2},
+      {2, 3, 5, 7, 3, 2, 3, 2, 2, 2, kBa, true, 3, 3, 1},     {2, 2, 11, 11, 3, 3, 3, 2, 2, 1, kBa, true, 2, 1, 13},
+      {2, 2, 4, 4, 3, 3, 3, 1, 1, 1, kNo, false, 0, 0, 3},
   };
   const DenseCase dense_cases[] = {
-      {4, 3, 3, 8, 8, 5, 3, 3, 1, 1, 1, 1, true, true, 0, 0, true},
-      {3, 4, 4, 8, 8, 3, 3, 3, 1, 1, 1, 1, false, true, 2, 2, true},
-      {2, 5, 3, 7, 5, 4, 3, 3, 2, 1, 1, 2, false, true, 2, 2, false},
-      {3, 2, 2, 6, 6, 3, 3, 3, 1, 2, 2, 1, true, false, 0, 0, false},
-      {1, 1, 2, 4, 4, 2, 1, 1, 1, 0, 1, 1, false, true, 3, 2, false},
-      {2, 3, 3, 5, 9, 7, 2, 3, 1, 0, 1, 0, true, true, 3, 3, true},
-      {2, 6, 5, 1, 1, 3, 1, 1, 1, 0, 1, 1, false, true, 0, 0, false},
-      {3, 2, 2, 9, 7, 4, 3, 3, 2, 2, 2, 1, true, true, 2, 1, false},
-      {2, 3, 2, 6, 6, 2, 5, 5, 1, 2, 1, 1, false, true, 0, 0, true},  // 5x5 taps
+      {4, 3, 3, 8, 8, 5, 3, 3, 1, 1, 1, kBa, true, true, 0, 0, true},
+      {3, 4, 4, 8, 8, 3, 3, 3, 1, 1, 1, kBa, false, true, 2, 2, true},
+      {2, 5, 3, 7, 5, 4, 3, 3, 2, 1, 1, kRu, false, true, 2, 2, false},
+      {3, 2, 2, 6, 6, 3, 3, 3, 1, 2, 2, kBa, true, false, 0, 0, false},
+      {1, 1, 2, 4, 4, 2, 1, 1, 1, 0, 1, kBa, false, true, 3, 2, false},
+      {2, 3, 3, 5, 9, 7, 2, 3, 1, 0, 1, kNo, true, true, 3, 3, true},
+      {2, 6, 5, 1, 1, 3, 1, 1, 1, 0, 1, kBa, false, true, 0, 0, false},
+      {3, 2, 2, 9, 7, 4, 3, 3, 2, 2, 2, kBa, true, true, 2, 1, false},
+      {2, 3, 2, 6, 6, 2, 5, 5, 1, 2, 1, kBa, false, true, 0, 0, true},  // 5x5 taps
   };
   for (at::ScalarType dt : {at::kFloat, at::kDouble}) {
     for (const auto& cs : conv_cases) test_conv_delta_chain(cs, dt);

@@ -47,8 +47,8 @@ def env_on(name: str) -> bool:
 def csrc_dir() -> str | None:
     """Directory holding the C++ sources: ``deepzero_kernels/_csrc`` in a wheel install, else the
     ``csrc/`` of the source checkout next to the package (editable installs). None if absent."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for d in (os.path.join(here, "_csrc"), os.path.join(os.path.dirname(here), "csrc")):
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # deepzero_kernels/ (this is kernels/)
+    for d in (os.path.join(pkg, "_csrc"), os.path.join(os.path.dirname(pkg), "csrc")):
         if all(os.path.isfile(os.path.join(d, s)) for s in SOURCES):
             return d
     return None

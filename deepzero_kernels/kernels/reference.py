@@ -1,16 +1,18 @@
 """Torch reference of the fused kernels: the semantics every backend keeps.
 
-Each function here is one launch in the triton and native backends. All tensors are
-contiguous, on one device, in one floating dtype (float32 or float64) except the int64 index
-tensors; the wrappers in ``deepzero_kernels/kernels/__init__.py`` validate that before any
-kernel runs. Layouts are sample-major, as the engine stores deltas: ``(B, K, ...)``.
+Each function here is one launch in the triton and native backends, with the same flat
+arguments (the schema of the native operators ``torch.ops.deepzero.*``: absent optional tensors
+are empty tensors). All tensors are contiguous, on one device, in one floating dtype (float32 or
+float64) except the int64 index tensors; ``validate.py`` checks that before any kernel runs, and
+the validated entry points (``Kernels``) take typed specs (``spec.py``). Layouts are
+sample-major, as the engine stores deltas: ``(B, K, ...)``.
 
-BatchNorm modes (``bn_mode``):
+BatchNorm modes (``bn_mode``, a :class:`~.spec.BnMode`):
 
-* ``0``: no BatchNorm in the chain;
-* ``1``: batch statistics (training mode). Per perturbation k, the changed channel's mean and
+* ``NONE``: no BatchNorm in the chain;
+* ``BATCH``: batch statistics (training mode). Per perturbation k, the changed channel's mean and
   variance are those of its own batch of B samples;
-* ``2``: fixed affine (running statistics): ``y = x * bn_weight + bn_bias`` per channel, with
+* ``RUNNING``: fixed affine (running statistics): ``y = x * bn_weight + bn_bias`` per channel, with
   ``bn_weight = weight * rsqrt(running_var + eps)``, ``bn_bias = bias - running_mean * bn_weight``.
 
 Chains after the BatchNorm: an optional ReLU and an optional max pool (window ``pool_k``,
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formulas import batch_norm_delta, cross_entropy_delta, pool_out
+from .spec import BnMode
 
 __all__ = ["conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
@@ -51,10 +54,10 @@ def channel_chain(values, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu
     Args:
         values: ``(B, K, H, W)`` change of channel ``channel[k]`` of the chain's input.
         channel: ``(K,)`` int64 channels in ``[0, C)``.
-        bn_mode: 0, 1 or 2 (module docstring).
-        bn_xhat: mode 1: ``(B, C, H, W)`` centred base input of the BatchNorm (``x - mean``).
-        bn_inv_std: mode 1: ``(C,)`` ``1/sqrt(var + eps)`` of the base batch (biased variance).
-        bn_weight: modes 1 and 2: ``(C,)`` scale (mode 1: the affine weight, ones if none).
+        bn_mode: a ``BnMode`` (module docstring).
+        bn_xhat: ``BATCH``: ``(B, C, H, W)`` centred base input of the BatchNorm (``x - mean``).
+        bn_inv_std: ``BATCH``: ``(C,)`` ``1/sqrt(var + eps)`` of the base batch (biased variance).
+        bn_weight: ``BATCH`` and ``RUNNING``: ``(C,)`` scale (``BATCH``: the affine weight, ones if none).
         relu_base: ``(B, C, H, W)`` base input of the ReLU, or an empty tensor for no ReLU.
         pool_k, pool_s: max-pool window and stride; 0 for no pool (a pool needs a ReLU).
         pool_base: ``(B, C, Hp, Wp)`` base output of the pool (empty without a pool).
@@ -63,10 +66,10 @@ def channel_chain(values, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu
         channel ``channel[k]``.
     """
     d = values
-    if bn_mode == 1:
+    if bn_mode == BnMode.BATCH:
         d = batch_norm_delta(_gather(bn_xhat, channel), bn_inv_std[channel].view(1, -1, 1, 1),
                              bn_weight[channel].view(1, -1, 1, 1), d, (0, 2, 3))
-    elif bn_mode == 2:
+    elif bn_mode == BnMode.RUNNING:
         d = d * bn_weight[channel].view(1, -1, 1, 1)
     if relu_base.numel() == 0:
         return d
@@ -108,8 +111,9 @@ def bn_act_dense(values, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_
 
     Args:
         values: ``(B, K, C, H, W)`` perturbed values (each k its own batch of B samples).
-        bn_mode: 0 none, 1 batch statistics per (k, channel) over (B, H, W) with the affine
-            ``bn_weight``, ``bn_bias`` (``(C,)``, ones/zeros if none) and ``eps``; 2 fixed affine.
+        bn_mode: ``NONE``; ``BATCH``: statistics per (k, channel) over (B, H, W) with the affine
+            ``bn_weight``, ``bn_bias`` (``(C,)``, ones/zeros if none) and ``eps``; ``RUNNING``: the
+            fixed affine ``bn_weight``, ``bn_bias``.
         residual: ``(B, C, H, W)`` unchanged tensor added after the BatchNorm, or empty.
         relu: apply a ReLU. pool_k, pool_s: max pool (0 = none; clipped ``ceil_mode`` windows,
             output ``ceil((H - pool_k) / pool_s) + 1``). global_avg: mean over the spatial dims.
@@ -118,11 +122,11 @@ def bn_act_dense(values, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_
     """
     b, k, c, h, w = values.shape
     v = values
-    if bn_mode == 1:
+    if bn_mode == BnMode.BATCH:
         mean = v.mean((0, 3, 4), keepdim=True)
         var = (v - mean).square().mean((0, 3, 4), keepdim=True)
         v = (v - mean) * torch.rsqrt(var + eps) * bn_weight.view(1, 1, c, 1, 1) + bn_bias.view(1, 1, c, 1, 1)
-    elif bn_mode == 2:
+    elif bn_mode == BnMode.RUNNING:
         v = v * bn_weight.view(1, 1, c, 1, 1) + bn_bias.view(1, 1, c, 1, 1)
     if residual.numel():
         v = v + residual[:, None]

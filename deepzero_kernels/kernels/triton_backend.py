@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..formulas import pool_out
+from .spec import BnMode
 
 __all__ = ["conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
@@ -36,6 +37,10 @@ _BS_CAP = 16 if _INTERPRET else 64  # spatial width of the dense output tiles (<
 # Index type of the block offsets: int32 on GPUs (cheap div/mod); int64 under the interpreter,
 # which checks every int32 add/mul for overflow at several numpy ops each.
 _IDX = tl.constexpr(tl.int64 if _INTERPRET else tl.int32)
+# spec.BnMode as compile-time constants (the kernels' BN_MODE argument is its int value)
+_BN_BATCH = tl.constexpr(int(BnMode.BATCH))
+_BN_RUNNING = tl.constexpr(int(BnMode.RUNNING))
+_BN_NONE = tl.constexpr(int(BnMode.NONE))
 
 
 def _configs(interp: dict, gpu: list[dict], warps=(4, 8)):
@@ -108,7 +113,7 @@ def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw,
         mu = 0.0
     HW = H * W
     ar = tl.arange(0, BLOCK).to(_IDX)
-    if BN_MODE == 1:
+    if BN_MODE == _BN_BATCH:
         # formulas.batch_norm_delta: new statistics from moments of the delta (no cancellation).
         sd = tl.zeros([BLOCK], DT)
         sxd = tl.zeros([BLOCK], DT)
@@ -134,7 +139,7 @@ def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw,
         g_x = d_inv * wc
         g_d = new_inv * wc
         cst = -d_mean * g_d
-    elif BN_MODE == 2:
+    elif BN_MODE == _BN_RUNNING:
         wc = tl.load(bnw + c)
     if POOL:
         NP = HP * WP
@@ -152,9 +157,9 @@ def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw,
                     ok = m & (i < H) & (j < W)
                     d = _chain_delta(vals, x, s, oh, ow, mu, k, b, i, j, ok, K, H, W, CI, HI, WI, SH, SW, GATHER)
                     off = ((b * C + c) * H + i) * W + j
-                    if BN_MODE == 1:
+                    if BN_MODE == _BN_BATCH:
                         d = (cst + tl.load(xhat + off, mask=ok, other=0.0) * g_x) + d * g_d
-                    elif BN_MODE == 2:
+                    elif BN_MODE == _BN_RUNNING:
                         d = d * wc
                     x0 = tl.load(rbase + off, mask=ok, other=0.0)
                     best = tl.maximum(best, tl.where(ok, x0 + d, float("-inf")))
@@ -168,9 +173,9 @@ def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw,
             r = t % HW
             d = _chain_delta(vals, x, s, oh, ow, mu, k, b, r // W, r % W, m, K, H, W, CI, HI, WI, SH, SW, GATHER)
             off = (b * C + c) * HW + r
-            if BN_MODE == 1:
+            if BN_MODE == _BN_BATCH:
                 d = (cst + tl.load(xhat + off, mask=m, other=0.0) * g_x) + d * g_d
-            elif BN_MODE == 2:
+            elif BN_MODE == _BN_RUNNING:
                 d = d * wc
             if RELU:
                 x0 = tl.load(rbase + off, mask=m, other=0.0)
@@ -253,9 +258,9 @@ def _dense_val(vals, delta, ch, wgt, base, k, c, b, i, j, mp, mc, K, C, H, W, CI
 @triton.jit
 def _dense_act(v, res, b, c, i, j, m, C, H, W, mean, rs, wc, bc,
                BN_MODE: tl.constexpr, RES: tl.constexpr, RELU: tl.constexpr):
-    if BN_MODE == 1:
+    if BN_MODE == _BN_BATCH:
         v = (v - mean) * rs * wc + bc
-    elif BN_MODE == 2:
+    elif BN_MODE == _BN_RUNNING:
         v = v * wc + bc
     if RES:
         v = v + tl.load(res + ((b * C + c) * H + i) * W + j, mask=m, other=0.0)
@@ -290,10 +295,10 @@ def _dense_kernel(out, vals, delta, chan, wgt, base, bnw, bnb, scal, res,
     rs = tl.full([BC], 1, DT)
     wc = tl.full([BC], 1, DT)
     bc = tl.zeros([BC], DT)
-    if BN_MODE != 0:
+    if BN_MODE != _BN_NONE:
         wc = tl.load(bnw + cb, mask=mcb, other=1.0)
         bc = tl.load(bnb + cb, mask=mcb, other=0.0)
-    if BN_MODE == 1:
+    if BN_MODE == _BN_BATCH:
         # mean and variance over (B, H, W): exact two-pass per block, blocks merged with Chan's formula
         cnt = tl.full([], 0, DT)
         m2 = tl.zeros([BC], DT)
@@ -393,6 +398,19 @@ def conv1ch_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_
 
 
 # ----------------------------------------------------------------------------- cross-entropy
+# One kernel per purpose, each one program per (block of BK perturbations, sample b), in float64:
+# _weight_ce_kernel (one logit changes: the closed form per coordinate), _rank1_ce_kernel and
+# _dense_ce_kernel (every logit changes: _row_ce over rows of logit changes that _row_delta forms
+# block by block). Where log1p overflows (p rounded to 1, a large negative change) they fall back
+# to the logsumexp form, as formulas.cross_entropy_delta does.
+@triton.jit
+def _logit_block(logits, b, n0, N, BN: tl.constexpr):
+    """Columns ``jn`` of block n0, their mask and the base logits of sample b (float64, -inf outside)."""
+    jn = n0 + tl.arange(0, BN).to(_IDX)
+    mn = jn < N
+    return jn, mn, tl.load(logits + b * N + jn, mask=mn, other=float("-inf")).to(tl.float64)
+
+
 @triton.jit
 def _row_lse(logits, b, N, BN: tl.constexpr):
     """float64 logsumexp of row b as (max, log of the shifted sum), online over blocks of N; kept
@@ -400,8 +418,7 @@ def _row_lse(logits, b, N, BN: tl.constexpr):
     mx = tl.full([], float("-inf"), tl.float64)
     s = tl.full([], 0, tl.float64)
     for n0 in range(0, N, BN):
-        jn = n0 + tl.arange(0, BN).to(_IDX)
-        l = tl.load(logits + b * N + jn, mask=jn < N, other=float("-inf")).to(tl.float64)
+        jn, mn, l = _logit_block(logits, b, n0, N, BN)
         cm = tl.maximum(mx, tl.max(l, 0))
         s = s * tl.exp(mx - cm) + tl.sum(tl.exp(l - cm), 0)
         mx = cm
@@ -414,6 +431,13 @@ def _lse_step(mx, s, v):
     cm = tl.maximum(mx, tl.max(v, 1))
     s = s * tl.exp(mx - cm) + tl.sum(tl.exp(v - cm[:, None]), 1)
     return cm, s
+
+
+@triton.jit
+def _ce_program(K, BK: tl.constexpr):
+    """This program's sample b, perturbations ks and their mask."""
+    ks = tl.program_id(0) * BK + tl.arange(0, BK).to(_IDX)
+    return tl.program_id(1).to(tl.int64), ks, ks < K
 
 
 @triton.jit
@@ -431,90 +455,116 @@ def _dense_logit_delta(values, base, weight, b, ks, mk, jn, mn, K, NIN, DT: tl.c
     return acc.to(tl.float64)
 
 
-_CE_CONFIGS = _configs({"BK": 16, "BN": 16, "BI": 16},
-                       [{"BK": bk, "BN": bn, "BI": 32} for bk in (16, 64) for bn in (16, 64)])
-
-
-@triton.autotune(configs=_CE_CONFIGS, key=["K", "B", "N", "NIN", "MODE"])
 @triton.jit
-def _ce_kernel(out, x, logits, target, idx, scal, base, weight, K, B, N, NIN,
-               MODE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BI: tl.constexpr):
-    """MODE 0: linear_weight_ce (x = input, idx = flat weight indices); 1: linear_rank1_ce
-    (x = values (B, K), idx = channels); 2: linear_dense_ce (x = values (B, K, NIN))."""
-    DT = x.dtype.element_ty
-    b = tl.program_id(1).to(tl.int64)
-    ks = tl.program_id(0) * BK + tl.arange(0, BK).to(_IDX)
-    mk = ks < K
+def _row_delta(values, base, weight, vk, ch, b, ks, mk, jn, mn, K, NIN, DT: tl.constexpr, DENSE: tl.constexpr,
+               BK: tl.constexpr, BN: tl.constexpr, BI: tl.constexpr):
+    """Logit changes ``(BK, BN)`` of columns jn: dense features (``_dense_logit_delta``), or feature
+    ``ch[k]`` changed by ``vk[k]``: ``vk * weight[jn, ch]``, rounded in the input dtype."""
+    if DENSE:
+        d = _dense_logit_delta(values, base, weight, b, ks, mk, jn, mn, K, NIN, DT, BK, BN, BI)
+    else:
+        w = tl.load(weight + jn[None, :] * NIN + ch[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
+        d = (vk[:, None] * w).to(tl.float64)
+    return d
+
+
+@triton.jit
+def _row_ce(logits, target, values, base, weight, vk, ch, b, ks, mk, K, N, NIN, DT: tl.constexpr,
+            DENSE: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BI: tl.constexpr):
+    """``log1p(sum_j p_j expm1(d_j)) - d_y`` for rows of logit changes (``_row_delta``)."""
     mx0, ls0 = _row_lse(logits, b, N, BN)
     y = tl.load(target + b)
-    if MODE == 0:
-        ix = tl.load(idx + ks, mask=mk, other=0)
-        i = ix // NIN
-        d = (tl.load(x + b * NIN + ix % NIN, mask=mk, other=0.0) * tl.load(scal)).to(tl.float64)
-        p = tl.exp((tl.load(logits + b * N + i, mask=mk, other=0.0).to(tl.float64) - mx0) - ls0)
-        dy = tl.where(i == y, d, 0.0)
-        res = _log1p(p * _expm1(d)) - dy
-    else:
-        if MODE == 1:
-            vk = tl.load(x + b * K + ks, mask=mk, other=0.0)
-            ch = tl.load(idx + ks, mask=mk, other=0)
-            dy = (vk * tl.load(weight + y * NIN + ch, mask=mk, other=0.0)).to(tl.float64)
-        else:
-            dy = tl.zeros([BK], tl.float64)
-        acc = tl.zeros([BK], tl.float64)
-        for n0 in range(0, N, BN):
-            jn = n0 + tl.arange(0, BN).to(_IDX)
-            mn = jn < N
-            p = tl.exp((tl.load(logits + b * N + jn, mask=mn, other=float("-inf")).to(tl.float64) - mx0) - ls0)
-            if MODE == 1:
-                w = tl.load(weight + jn[None, :] * NIN + ch[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-                d = (vk[:, None] * w).to(tl.float64)
-            else:
-                d = _dense_logit_delta(x, base, weight, b, ks, mk, jn, mn, K, NIN, DT, BK, BN, BI)
-                dy += tl.sum(tl.where(jn[None, :] == y, d, 0.0), 1)
-            acc += tl.sum(p[None, :] * _expm1(d), 1)  # masked columns: p = 0, d = 0
-        res = _log1p(acc) - dy
+    dy = tl.zeros([BK], tl.float64)
+    acc = tl.zeros([BK], tl.float64)
+    for n0 in range(0, N, BN):
+        jn, mn, l = _logit_block(logits, b, n0, N, BN)
+        d = _row_delta(values, base, weight, vk, ch, b, ks, mk, jn, mn, K, NIN, DT, DENSE, BK, BN, BI)
+        dy += tl.sum(tl.where(jn[None, :] == y, d, 0.0), 1)
+        acc += tl.sum(tl.exp((l - mx0) - ls0)[None, :] * _expm1(d), 1)  # masked columns: p = 0, d = 0
+    res = _log1p(acc) - dy
     bad = mk & ~_isfinite(res)
     if tl.sum(bad.to(tl.int32), 0) > 0:
-        # as ops.cross_entropy_delta: logsumexp(logits + delta) - logsumexp(logits) - delta_y
         mx = tl.full([BK], float("-inf"), tl.float64)
         s = tl.zeros([BK], tl.float64)
         for n0 in range(0, N, BN):
-            jn = n0 + tl.arange(0, BN).to(_IDX)
-            mn = jn < N
-            l = tl.load(logits + b * N + jn, mask=mn, other=float("-inf")).to(tl.float64)
-            if MODE == 0:
-                dd = tl.where(jn[None, :] == i[:, None], d[:, None], 0.0)
-            elif MODE == 1:
-                w = tl.load(weight + jn[None, :] * NIN + ch[:, None], mask=mk[:, None] & mn[None, :], other=0.0)
-                dd = (vk[:, None] * w).to(tl.float64)
-            else:
-                dd = _dense_logit_delta(x, base, weight, b, ks, mk, jn, mn, K, NIN, DT, BK, BN, BI)
-            mx, s = _lse_step(mx, s, l[None, :] + dd)
+            jn, mn, l = _logit_block(logits, b, n0, N, BN)
+            d = _row_delta(values, base, weight, vk, ch, b, ks, mk, jn, mn, K, NIN, DT, DENSE, BK, BN, BI)
+            mx, s = _lse_step(mx, s, l[None, :] + d)
+        res = tl.where(bad, (mx + tl.log(s)) - (mx0 + ls0) - dy, res)
+    return res
+
+
+@triton.autotune(configs=_configs({"BK": 16, "BN": 16}, [{"BK": bk, "BN": bn} for bk in (16, 64) for bn in (16, 64)]),
+                 key=["K", "B", "N", "NIN"])
+@triton.jit
+def _weight_ce_kernel(out, x, logits, target, idx, scal, K, B, N, NIN, BK: tl.constexpr, BN: tl.constexpr):
+    """linear_weight_ce: logit ``idx // NIN`` changes by ``mu * x[b, idx % NIN]``."""
+    b, ks, mk = _ce_program(K, BK)
+    mx0, ls0 = _row_lse(logits, b, N, BN)
+    y = tl.load(target + b)
+    ix = tl.load(idx + ks, mask=mk, other=0)
+    i = ix // NIN
+    d = (tl.load(x + b * NIN + ix % NIN, mask=mk, other=0.0) * tl.load(scal)).to(tl.float64)
+    p = tl.exp((tl.load(logits + b * N + i, mask=mk, other=0.0).to(tl.float64) - mx0) - ls0)
+    dy = tl.where(i == y, d, 0.0)
+    res = _log1p(p * _expm1(d)) - dy
+    bad = mk & ~_isfinite(res)
+    if tl.sum(bad.to(tl.int32), 0) > 0:
+        mx = tl.full([BK], float("-inf"), tl.float64)
+        s = tl.zeros([BK], tl.float64)
+        for n0 in range(0, N, BN):
+            jn, mn, l = _logit_block(logits, b, n0, N, BN)
+            mx, s = _lse_step(mx, s, l[None, :] + tl.where(jn[None, :] == i[:, None], d[:, None], 0.0))
         res = tl.where(bad, (mx + tl.log(s)) - (mx0 + ls0) - dy, res)
     tl.store(out + ks * B + b, res, mask=mk)
 
 
-def _ce(mode, x, logits, target, idx, k, scal=None, base=None, weight=None, n_in=1):
+@triton.autotune(configs=_configs({"BK": 16, "BN": 16}, [{"BK": bk, "BN": bn} for bk in (16, 64) for bn in (16, 64)]),
+                 key=["K", "B", "N", "NIN"])
+@triton.jit
+def _rank1_ce_kernel(out, values, channel, weight, logits, target, K, B, N, NIN,
+                     BK: tl.constexpr, BN: tl.constexpr):
+    """linear_rank1_ce: input feature ``channel[k]`` changes by ``values[b, k]``."""
+    b, ks, mk = _ce_program(K, BK)
+    vk = tl.load(values + b * K + ks, mask=mk, other=0.0)
+    ch = tl.load(channel + ks, mask=mk, other=0)
+    res = _row_ce(logits, target, values, values, weight, vk, ch, b, ks, mk, K, N, NIN, values.dtype.element_ty,
+                  False, BK, BN, 1)
+    tl.store(out + ks * B + b, res, mask=mk)
+
+
+@triton.autotune(configs=_configs({"BK": 16, "BN": 16, "BI": 16},
+                                  [{"BK": bk, "BN": bn, "BI": 32} for bk in (16, 64) for bn in (16, 64)]),
+                 key=["K", "B", "N", "NIN"])
+@triton.jit
+def _dense_ce_kernel(out, values, base, weight, logits, target, K, B, N, NIN,
+                     BK: tl.constexpr, BN: tl.constexpr, BI: tl.constexpr):
+    """linear_dense_ce: the input features ``base[b]`` become ``values[b, k]`` (``NIN`` of them)."""
+    b, ks, mk = _ce_program(K, BK)
+    res = _row_ce(logits, target, values, base, weight, ks, ks, b, ks, mk, K, N, NIN, values.dtype.element_ty,
+                  True, BK, BN, BI)
+    tl.store(out + ks * B + b, res, mask=mk)
+
+
+def _ce(kernel, k, n_in, logits, *args):
+    """Launch a cross-entropy kernel over (blocks of k, samples): ``(K, B)`` float64."""
     b, n = logits.shape
     out = torch.empty((k, b), dtype=torch.float64, device=logits.device)
     if out.numel() == 0:
         return out
     grid = lambda meta: (triton.cdiv(k, meta["BK"]), b)  # noqa: E731
-    _ce_kernel[grid](out, x, logits, target, idx, x if scal is None else scal, x if base is None else base,
-                     x if weight is None else weight, k, b, n, n_in, MODE=mode)
+    kernel[grid](out, *args, k, b, n, n_in)
     return out
 
 
 def linear_weight_ce(x, logits, target, idx, mu):
     scal = _scalar(float(mu), x.dtype, x.device)
-    return _ce(0, x, logits, target, idx, idx.numel(), scal=scal, n_in=x.shape[1])
+    return _ce(_weight_ce_kernel, idx.numel(), x.shape[1], logits, x, logits, target, idx, scal)
 
 
 def linear_rank1_ce(values, channel, weight, logits, target):
-    return _ce(1, values, logits, target, channel, values.shape[1], weight=weight, n_in=weight.shape[1])
+    return _ce(_rank1_ce_kernel, values.shape[1], weight.shape[1], logits, values, channel, weight, logits, target)
 
 
 def linear_dense_ce(values, base, weight, logits, target):
-    return _ce(2, values, logits, target, target, values.shape[1], base=base, weight=weight,
-               n_in=values.shape[2])
+    return _ce(_dense_ce_kernel, values.shape[1], values.shape[2], logits, values, base, weight, logits, target)
