@@ -128,10 +128,10 @@ def _channel_tail(ck: Checker, b, c, h, w, bn: BnArgs, relu_base, pool: PoolArgs
     return int(mode), xhat, inv_std, weight, relu_base, pk, ps, pool_base
 
 
-def _channels(bn: BnArgs, relu_base):
+def _channels(ck: Checker, b, h, w, bn: BnArgs, relu_base):
     """C of a one-channel chain: from the ReLU's base input, else the BatchNorm's weight."""
     if isinstance(relu_base, torch.Tensor) and relu_base.numel():
-        return relu_base.shape[1] if relu_base.dim() > 1 else None
+        return ck.tensor("relu_base", relu_base, (b, None, h, w)).shape[1]
     if isinstance(bn, BnArgs) and bn.mode and isinstance(bn.weight, torch.Tensor) and bn.weight.dim() == 1:
         return bn.weight.shape[0]
     return None
@@ -145,7 +145,7 @@ def channel_chain(values, channel, *, bn: BnArgs = NO_BN, relu_base=None, pool: 
     ck = Checker("channel_chain", "values", values)
     ck.tensor("values", values, (None, None, None, None))
     b, k, h, w = values.shape
-    c = _channels(bn, relu_base)
+    c = _channels(ck, b, h, w, bn, relu_base)
     if c is None:
         ck.fail("nothing to do: give a BatchNorm (bn) or a ReLU (relu_base)")
     ck.index("channel", channel, k, c)
