@@ -123,9 +123,8 @@ def _has_kernel(impl, name: str) -> bool:
         return False
 
 
-def collect(build: bool = False) -> dict:
-    """The report: ``{section: {key: value}}`` (values are strings, numbers or lists)."""
-    r: dict = {}
+def _package_and_versions(r: dict, build: bool) -> None:
+    """Where the package is, and the versions of what it runs on."""
     here = os.path.dirname(os.path.abspath(deepzero_kernels.__file__))
     r["deepzero_kernels"] = {
         "version": deepzero_kernels.__version__,
@@ -143,8 +142,12 @@ def collect(build: bool = False) -> dict:
         "nvcc": _first_line(["nvcc", "--version"]) if shutil.which("nvcc") else "not on PATH",
         "ninja": _first_line([native_build.find_ninja(), "--version"]) if native_build.find_ninja() else "not found",
     }
+
+
+def _cpu_and_cuda(r: dict, build: bool) -> None:
+    """The CPU (and the instruction set the native kernels chose) and the CUDA devices."""
+    _available("cpu", build)  # loads the native extension (without building it unless asked)
     # the native backend: report without building, unless asked
-    avail_cpu = _available("cpu", build)
     nat = sys.modules.get("deepzero_kernels._native")
     affinity = _safe(lambda: len(os.sched_getaffinity(0)))
     r["cpu"] = {
@@ -164,6 +167,10 @@ def collect(build: bool = False) -> dict:
         cuda["native extension built with CUDA"] = _safe(nat.has_cuda)
     r["cuda"] = cuda
 
+
+def _backends(r: dict, build: bool) -> None:
+    """Each backend's availability with the reason, per device, and what 'auto' picks."""
+    avail_cpu = _available("cpu", build)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     back = {}
     for dev in devices:
@@ -184,6 +191,9 @@ def collect(build: bool = False) -> dict:
             back[f"auto on {dev} picks"] = f"unknown ({type(e).__name__}: {e})"
     r["backends"] = back
 
+
+def _fused_kernels(r: dict, build: bool) -> None:
+    """Which fused kernels each backend has."""
     fused = {"torch": f"none: per-node rules (reference.py composes all {len(KERNEL_NAMES)} kernels in torch)"}
     for name in ("native", "triton"):
         impl, why = _backend_impl(name, build)
@@ -196,6 +206,9 @@ def collect(build: bool = False) -> dict:
                        + (f"; missing: {', '.join(missing)}" if missing else ""))
     r["fused kernels"] = fused
 
+
+def _threads_memory_caches(r: dict, build: bool) -> None:
+    """Thread settings, memory, cache locations and the relevant environment."""
     threads = {
         "torch intra-op threads": torch.get_num_threads(),
         "torch inter-op threads": torch.get_num_interop_threads(),
@@ -208,7 +221,6 @@ def collect(build: bool = False) -> dict:
     for k in ENV_VARS[:7]:
         threads[k] = os.environ.get(k, "(unset)")
     r["threads"] = threads
-
     mem = _meminfo()
     from .engine import default_memory_budget
     r["memory"] = {
@@ -230,6 +242,13 @@ def collect(build: bool = False) -> dict:
     }
     r["environment"] = {k: os.environ[k] for k in ENV_VARS[7:] if k in os.environ} or {"(none of the DZ_/TRITON_/"
                                                                                         "TORCH_ variables set)": ""}
+
+
+def collect(build: bool = False) -> dict:
+    """The report: ``{section: {key: value}}`` (values are strings, numbers or lists)."""
+    r: dict = {}
+    for section in (_package_and_versions, _cpu_and_cuda, _backends, _fused_kernels, _threads_memory_caches):
+        section(r, build)
     return r
 
 
