@@ -154,7 +154,7 @@ def _cpu_and_cuda(r: dict, build: bool) -> None:
         "model": _cpu_model(),
         "logical CPUs (usable by this process)": f"{os.cpu_count()} ({affinity})",
         "instruction sets": _cpu_flags(),
-        "native kernels' instruction set": _safe(nat.cpu_isa) if nat is not None else "native extension not loaded",
+        "native kernels' instruction set": _safe(lambda: nat.cpu_isa()) if nat is not None else "native extension not loaded",
         "native extension": getattr(nat, "__file__", None) or "not loaded",
         "load average (1, 5, 15 min)": _safe(lambda: " ".join(f"{v:.2f}" for v in os.getloadavg())),
     }
@@ -164,7 +164,7 @@ def _cpu_and_cuda(r: dict, build: bool) -> None:
             p = torch.cuda.get_device_properties(i)
             cuda[f"cuda:{i}"] = f"{p.name}, sm_{p.major}{p.minor}, {_gib(p.total_memory)}"
     if nat is not None:
-        cuda["native extension built with CUDA"] = _safe(nat.has_cuda)
+        cuda["native extension built with CUDA"] = _safe(lambda: nat.has_cuda())
     r["cuda"] = cuda
 
 

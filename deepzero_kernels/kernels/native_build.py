@@ -231,6 +231,11 @@ class _Progress:
         self._thread.join()
         self._write(f"{self.msg} {text}" if self.tty else f"deepzero_kernels: {text}")
 
+    def __exit__(self, *exc):
+        if not self._stop.is_set():  # left by an exception: stop the ticker, end the line
+            self.done("interrupted")
+        return False
+
 
 def load_jit(stream=None):
     """The JIT-built native module: imported from the cache, or built there first (with a

@@ -1,0 +1,120 @@
+"""Memory (issue 11): an estimate's chunks stay within ``memory_budget``, and the resident memory of
+a long estimate does not creep up.
+
+The peak is what torch's CPU allocator handed out, read from the profiler's memory events (torch
+keeps no CPU allocator statistics): every allocation and free in time order, summed. The chunks'
+share is the peak of the estimate minus the peak of the same estimate with no coordinates (the
+base pass and its cache, which the budget does not cover). Workloads are small: the profiler
+records every op.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+import deepzero_kernels as dz
+from deepzero_kernels.models import build_model
+
+MiB = 1 << 20
+
+
+def peak_bytes(fn) -> int:
+    """Peak of the bytes allocated and not yet freed by torch on the CPU while ``fn()`` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"))
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+class Branchy(nn.Module):
+    """A stem conv feeding 16 parallel convs that are summed at the end: a perturbation of the stem
+    keeps 16 dense deltas alive at once, 16x its largest single delta."""
+
+    def __init__(self, c=8, n=16):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.branches = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(n))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        outs = [b(h) for b in self.branches]
+        z = outs[0]
+        for o in outs[1:]:
+            z = z + o
+        return self.head(z.mean((2, 3)))
+
+
+def only(model, names):
+    return {n: (torch.ones_like(p, dtype=torch.bool) if n in names else torch.zeros_like(p, dtype=torch.bool))
+            for n, p in model.named_parameters()}
+
+
+CASES = {
+    # name: (model, input shape, batch, parameters estimated)
+    "cnn": (lambda: build_model("cnn", in_channels=1, num_classes=10, image_size=8, depth=2, width=16),
+            (1, 8, 8), 64, None),
+    "mlp": (lambda: build_model("mlp", in_channels=1, num_classes=10, image_size=8, width=16), (1, 8, 8), 64, None),
+    "branchy": (Branchy, (1, 16, 16), 16, ["stem.weight"]),
+}
+
+
+# The engine sizes chunks from its largest single delta, so a model that keeps many deltas alive
+# at once (branchy: 16) overshoots the budget ~2.7x. The fix (size from the peak of all the deltas
+# alive at once, measured on the first chunk) is proposed for engine.py in issue 11's report;
+# remove this mark with it.
+_PENDING = pytest.mark.xfail(strict=True, reason="engine.chunk_size_for: largest single delta, not the live set")
+
+
+@pytest.mark.parametrize("budget_mib", [4, 16])
+@pytest.mark.parametrize("case", [c if c != "branchy" else pytest.param(c, marks=_PENDING) for c in CASES])
+def test_chunks_stay_within_twice_the_budget(case, budget_mib):
+    torch.set_num_threads(1)
+    make, shape, b, names = CASES[case]
+    torch.manual_seed(0)
+    model = make().train()
+    x, y = torch.randn((b,) + shape), torch.randint(0, 10, (b,))
+    masks = only(model, names) if names else None
+    none = only(model, [])
+    base = peak_bytes(lambda: dz.CGE(model, backend="torch").estimate(x, y, masks=none))
+    est = dz.CGE(model, backend="torch", memory_budget=budget_mib * MiB)
+    chunks = peak_bytes(lambda: est.estimate(x, y, masks=masks)) - base
+    assert chunks <= 2 * budget_mib * MiB, (f"{case}: the chunks held {chunks / MiB:.1f} MiB at once, more than "
+                                            f"twice the {budget_mib} MiB budget")
+
+
+@pytest.mark.slow
+def test_resident_memory_does_not_creep_during_a_long_estimate():
+    """ResNet-20 at batch 128: thousands of chunks of one parameter. Small per-chunk results kept
+    between the chunks' large temporaries used to fragment glibc's heap, and the resident memory
+    grew by ~1 MB per perturbation (21 GB in a trainer run). One arena makes it show in a minute."""
+    code = r"""
+import torch, deepzero_kernels as dz
+from deepzero_kernels.models import build_model
+from deepzero_kernels.runtime import rss_bytes
+torch.manual_seed(0); torch.set_num_threads(1)
+m = build_model("resnet20", in_channels=3, num_classes=10, image_size=32).train()
+x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
+name = "layer3.1.conv2.weight"
+masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in m.named_parameters()}
+masks[name].view(-1)[:600] = True
+seen = []
+def cb(n, k):
+    seen.append(rss_bytes())
+dz.CGE(m, backend="torch").estimate(x, y, masks=masks, on_chunk=cb)
+print((max(seen[len(seen) // 4:]) - seen[len(seen) // 4]) >> 20)
+"""
+    env = dict(os.environ, MALLOC_ARENA_MAX="1", DZ_NO_JIT="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1200)
+    assert out.returncode == 0, out.stderr
+    growth_mib = int(out.stdout.split()[-1])
+    assert growth_mib < 200, f"resident memory grew by {growth_mib} MiB over 450 perturbations"
