@@ -68,15 +68,8 @@ CASES = {
 }
 
 
-# The engine sizes chunks from its largest single delta, so a model that keeps many deltas alive
-# at once (branchy: 16) overshoots the budget ~2.7x. The fix (size from the peak of all the deltas
-# alive at once, measured on the first chunk) is proposed for engine.py in issue 11's report;
-# remove this mark with it.
-_PENDING = pytest.mark.xfail(strict=True, reason="engine.chunk_size_for: largest single delta, not the live set")
-
-
 @pytest.mark.parametrize("budget_mib", [4, 16])
-@pytest.mark.parametrize("case", [c if c != "branchy" else pytest.param(c, marks=_PENDING) for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_chunks_stay_within_twice_the_budget(case, budget_mib):
     torch.set_num_threads(1)
     make, shape, b, names = CASES[case]
