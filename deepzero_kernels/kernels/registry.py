@@ -13,6 +13,8 @@ The engine's backend names are ``auto``, ``torch`` (no fused kernel: the per-nod
 """
 from __future__ import annotations
 
+import abc
+
 import importlib
 import os
 import warnings
@@ -28,15 +30,15 @@ INSTALL_FIX = ("reinstall from the source checkout with `pip install setuptools 
                "--no-build-isolation -e .` (see the README; `python -m deepzero_kernels.info` shows the details)")
 
 
-class Backend:
+class Backend(abc.ABC):
     """One kernel backend. ``auto_devices``: the device types where ``backend="auto"`` may pick it."""
     name = ""
     auto_devices: tuple = ()
 
+    @abc.abstractmethod
     def load(self, jit: bool = True):
         """``(implementation, None)`` or ``(None, reason)``; the implementation has the functions of
         ``reference.py`` with its arguments."""
-        raise NotImplementedError
 
     def where(self, device: torch.device):
         """Why the loaded backend cannot run on ``device``, or None."""
