@@ -162,13 +162,30 @@ void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restric
     for (int64_t e = 0; e < HW; ++e) o[e] = relu_delta(x0[e], t[e]);
     return;
   }
-  // max pool commutes with ReLU: pool the perturbed ReLU input, then ReLU, minus the base output.
-  for (int64_t e = 0; e < HW; ++e) t[e] = x0[e] + t[e];
+  // max pool commutes with ReLU: find each window's argmax of the perturbed ReLU input, then take
+  // the exact change there (relu_pool_delta).
+  (void)rm;
   const int64_t HWp = a.Hp * a.Wp;
   T* __restrict o = a.out + (b * a.K + k) * HWp;
-  max_pool_plane(t, a.H, a.W, a.pk, a.ps, a.Hp, a.Wp, rm, o);
   const T* __restrict pb = a.pool_base + (b * a.C + c) * HWp;
-  for (int64_t e = 0; e < HWp; ++e) o[e] = (o[e] > T(0) ? o[e] : T(0)) - pb[e];
+  for (int64_t ip = 0; ip < a.Hp; ++ip) {
+    const int64_t r0 = ip * a.ps, r1 = imin(r0 + a.pk, a.H);
+    for (int64_t jp = 0; jp < a.Wp; ++jp) {
+      const int64_t q0 = jp * a.ps, q1 = imin(q0 + a.pk, a.W);
+      T best = x0[r0 * a.W + q0] + t[r0 * a.W + q0], bx = x0[r0 * a.W + q0], bd = t[r0 * a.W + q0];
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = q0; j < q1; ++j) {
+          const int64_t e = i * a.W + j;
+          const T v = x0[e] + t[e];
+          if (v > best || (v != v && best == best)) {
+            best = v;
+            bx = x0[e];
+            bd = t[e];
+          }
+        }
+      o[ip * a.Wp + jp] = relu_pool_delta(bx, bd, pb[ip * a.Wp + jp]);
+    }
+  }
 }
 
 template <typename T, typename Src>

@@ -134,15 +134,24 @@ __global__ void __launch_bounds__(kThreads) onech_kernel(OneChArgs<T> a, Src src
       const int64_t b = e / HW, r = e % HW;
       a.out[(b * a.K + k) * HW + r] = relu_delta(a.relu_base[(b * a.C + c) * HW + r], bn(b, r));
     }
-  } else {  // max pool of the perturbed ReLU input, ReLU, minus the base output
+  } else {  // the perturbed ReLU input's argmax per window, the exact change there (relu_pool_delta)
     for (int64_t e = threadIdx.x; e < a.B * HWp; e += blockDim.x) {
       const int64_t b = e / HWp, q = e % HWp, ip = q / a.Wp, jp = q % a.Wp;
       const int64_t r0 = ip * a.ps, r1 = imin(r0 + a.pk, a.H), q0 = jp * a.ps, q1 = imin(q0 + a.pk, a.W);
       const T* x0 = a.relu_base + (b * a.C + c) * HW;
-      T m = -INFINITY;
+      T best = -INFINITY, bx = T(0), bd = T(0);
+      bool first = true;
       for (int64_t i = r0; i < r1; ++i)
-        for (int64_t j = q0; j < q1; ++j) m = nan_max(m, x0[i * a.W + j] + bn(b, i * a.W + j));
-      a.out[(b * a.K + k) * HWp + q] = (m > T(0) ? m : T(0)) - a.pool_base[(b * a.C + c) * HWp + q];
+        for (int64_t j = q0; j < q1; ++j) {
+          const T d = bn(b, i * a.W + j), v = x0[i * a.W + j] + d;
+          if (first || v > best || (v != v && best == best)) {
+            best = v;
+            bx = x0[i * a.W + j];
+            bd = d;
+            first = false;
+          }
+        }
+      a.out[(b * a.K + k) * HWp + q] = relu_pool_delta(bx, bd, a.pool_base[(b * a.C + c) * HWp + q]);
     }
   }
 }

@@ -78,6 +78,20 @@ DZ_HD T relu_delta(T x0, T d) {
   return x0 > T(0) ? pos : neg;
 }
 
+// ReLU -> max pool change of one window, exact: the perturbed window's argmax holds base input bx and
+// change bd; m0 is the base output (relu of the base input's max). With m0 > 0 the change is
+// relu_delta(m0, (bx - m0) + bd) = max((bx - m0) + bd, -m0); with m0 == 0 (the base max <= 0) it is
+// relu(bx + bd). No difference of two pooled values is taken (reference.channel_chain).
+template <typename T>
+DZ_HD T relu_pool_delta(T bx, T bd, T m0) {
+  if (m0 > T(0)) {
+    const T g = (bx - m0) + bd;
+    return g > -m0 ? g : -m0;
+  }
+  const T s = bx + bd;
+  return s > T(0) ? s : (s != s ? s : T(0));
+}
+
 // Ceil-mode max pool without padding: window p covers [p*s, min(p*s + k, n)) (clipped at the border;
 // every window starts inside, see reference.pool_out).
 DZ_HD int64_t pool_out(int64_t n, int64_t k, int64_t s) { return n >= k ? (n - k + s - 1) / s + 1 : 1; }

@@ -12,11 +12,13 @@ views as ``(B, K*C, ...)`` for per-perturbation BatchNorm statistics, both witho
 * :class:`DenseDelta`: any change, the difference ``values`` of shape ``(B, K, *base.shape[1:])``;
 * :class:`DenseValue`: any change, given as the perturbed values themselves, same shape.
 
-Channel deltas are exact differences: linear operations act on the delta alone and the loss
-change is taken in closed form, so float32 estimates keep their digits. Once a delta is dense,
-nonlinear operations (batch-statistics BatchNorm, activations, max pooling) run on perturbed
-values, which costs one memory pass where an exact delta formula costs several; the difference
-to the base is taken once, at the logits, per sample.
+Deltas, one-channel or dense, are carried all the way to the loss: linear operations act on the
+delta alone (``L(x + d) - L(x) = L(d)``), every nonlinear rule evaluates an exact difference
+formula from the cached base values (:mod:`deepzero_kernels.formulas`), and the loss change is
+taken in closed form at the logits. Rounding errors are therefore relative to the delta, not to
+the activations: float32 estimates keep float64's digits, and the linear maps on deltas may run
+in TF32 or bf16 (:mod:`deepzero_kernels.precision`). ``DenseValue`` only appears after a node
+without a delta rule (the exact per-perturbation fallback); the rules after it work on values.
 
 The rules that map these representations through each op live in :mod:`deepzero_kernels.rules`.
 """
@@ -26,8 +28,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .formulas import relu_delta
+
 __all__ = ["ChannelDelta", "ChannelPreReLU", "DenseDelta", "DenseValue", "densify", "expand_base", "flat",
-           "gather_channels", "kdim", "relu_delta", "to_values", "true_layout", "unflat"]
+           "gather_channels", "kdim", "to_values", "true_layout", "unflat"]
 
 
 @dataclass
@@ -51,11 +55,6 @@ class ChannelPreReLU(ChannelDelta):
     def materialize(self) -> ChannelDelta:
         x0, d = self.pre, self.values
         return ChannelDelta(self.index, relu_delta(x0, d), self.view)
-
-
-def relu_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Exact ``relu(x0 + d) - relu(x0)``: where x0 > 0 it is max(d, -x0), else relu(x0 + d)."""
-    return torch.where(x0 > 0, torch.maximum(d, -x0), torch.clamp_min(x0 + d, 0))
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .graph import (DROPOUT_FUNCS, affected_nodes, dropout_active, functionalize
                     param_sources, structure_signature)
 from .kernels import get as get_kernels
 from .ops import check_count, resolve_backend
+from .precision import check_delta_precision, full_fp32
 
 __all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget", "query_loss"]
 
@@ -258,6 +259,9 @@ class DeltaEngine:
         strategy: ``"delta"`` (trace the model and propagate deltas; falls back to the
             functional evaluation when that cannot be exact) or ``"functional"`` (always batched
             functional calls of the whole model: the slow, simple reference).
+        delta_precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``: the precision of the
+            linear maps (conv, linear) applied to deltas of a float32 model. Everything else runs
+            in full float32 whatever torch's TF32 flags say (:mod:`deepzero_kernels.precision`).
 
     Exactness guards, on every call: the model's structure is compared with the traced one
     (re-trace on any change); the engine's base output must equal an eager ``model(x)``
@@ -266,7 +270,8 @@ class DeltaEngine:
     """
 
     def __init__(self, model: nn.Module, loss_fn=None, *, memory_budget: int | None = None,
-                 chunk_size: int | None = None, backend: str = "auto", output_fn=None, strategy: str = "delta"):
+                 chunk_size: int | None = None, backend: str = "auto", output_fn=None, strategy: str = "delta",
+                 delta_precision: str = "fp32"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
@@ -287,6 +292,7 @@ class DeltaEngine:
         self.memory_budget = memory_budget
         self.chunk_size = chunk_size
         self.strategy = strategy
+        self.delta_precision = check_delta_precision(delta_precision)
         # Injection point: a kernels object (the interface of ``kernels.get(name)``) that runs the
         # fused chains whatever ``backend`` resolves to; tests use it to count launches.
         self.kernels = None
@@ -471,7 +477,8 @@ class DeltaEngine:
         """Loss changes for every coordinate set in ``coords`` (name -> 1-D LongTensor of flat
         indices). Returns ``(base_output, base_losses (B,), {name: (K_name, B) float64})``.
         Parameters are processed from the last layer to the first; buffers are restored."""
-        with model_lock(self.model), preserved_buffers(self.model):
+        # Precision is the engine's: values in full float32 (no TF32), see precision.py.
+        with model_lock(self.model), preserved_buffers(self.model), full_fp32():
             check_no_dropout(self.model)
             self.modules = dict(self.root.named_modules())
             reference, changed = self._eager_output(x)

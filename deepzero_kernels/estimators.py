@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .engine import DeltaEngine, check_losses, check_no_dropout, per_sample_cross_entropy, query_loss, repeat_targets
 from .functional import forbid_randomness, model_lock, preserved_buffers, vmap_or_loop
+from .precision import full_fp32
 from .ops import check_count, check_mu, resolve_backend
 
 __all__ = ["CGE", "RGE", "assign_grads", "check_batch", "check_masks"]
@@ -194,6 +195,11 @@ class CGE(_Estimator):
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` for the fused ops.
         memory_budget: bytes one chunk of perturbations may use (default: 1 GiB on CPU, a quarter
             of free memory on a GPU). ``chunk_size`` fixes the chunk length instead.
+        output_fn, strategy: see :class:`~deepzero_kernels.engine.DeltaEngine`.
+        delta_precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``: precision of the conv and
+            linear maps applied to the perturbations' deltas of a float32 model; the values (base
+            pass, nonlinear layers) always run in full float32, TF32 flags or not. See the README's
+            error model.
 
     After :meth:`estimate`, ``last_loss`` (mean unperturbed loss), ``last_output`` (unperturbed
     outputs) and ``num_perturbations`` (running total) describe the work done. Loss queries:
@@ -204,13 +210,14 @@ class CGE(_Estimator):
     """
 
     def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None,
-                 output_fn=None, strategy="delta"):
+                 output_fn=None, strategy="delta", delta_precision="fp32"):
         super().__init__(model, loss_fn, mu)
         p = next(model.parameters(), None)
         resolve_backend(backend, p.device if p is not None else None)  # fail early on an unknown name
         self.backend = backend
         self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size,
-                                  backend=backend, output_fn=output_fn, strategy=strategy)
+                                  backend=backend, output_fn=output_fn, strategy=strategy,
+                                  delta_precision=delta_precision)
 
     @_holding_model_lock
     def estimate(self, x, y, masks=None, *, on_chunk=None) -> dict:
@@ -348,7 +355,8 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, outpu
     loss_fn = loss_fn or per_sample_cross_entropy
     select = output_fn or (lambda out: out)
     check_no_dropout(model)
-    with model_lock(model), preserved_buffers(model), forbid_randomness(x.device):
+    # Values differenced in float32: never in TF32 (precision.py), whatever torch's flags say.
+    with model_lock(model), preserved_buffers(model), forbid_randomness(x.device), full_fp32():
         params = {n: p.detach() for n, p in model.named_parameters()}
         buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         base_out = select(model(x.clone()))  # clones: a forward that writes into its input sees the same x

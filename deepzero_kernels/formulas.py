@@ -4,8 +4,18 @@ the fused-kernel references and the cost model. A leaf: imports nothing of the p
 * geometry: :func:`pair`, :func:`conv_padding`, :func:`conv_out_size`, :func:`pool_out`,
   :func:`conv_weight_coords`;
 * rank-1 source deltas: :func:`conv2d_weight_delta`, :func:`linear_weight_delta`;
-* BatchNorm: :func:`bn_running_scale` and the exact batch-statistics change :func:`batch_norm_delta`;
+* BatchNorm / LayerNorm: :func:`bn_running_scale` and the exact change under batch (or
+  per-position) statistics :func:`batch_norm_delta`;
+* activations: exact differences ``f(x0 + d) - f(x0)`` that do not cancel: :func:`relu_delta`,
+  :func:`clamp_delta`, :func:`leaky_relu_delta`, :func:`sigmoid_delta`, :func:`tanh_delta`,
+  :func:`silu_delta`, :func:`hardsigmoid_delta`, :func:`hardswish_delta`, and
+  :func:`promoted_delta` (the difference taken in float64) for any other function;
+* :func:`softmax_delta`, :func:`log_softmax_delta`: the change of a softmax from its base output;
 * the loss: :func:`cross_entropy_delta`, the closed-form change of cross-entropy at the logits.
+
+Every delta formula takes the base value ``x0`` and the change ``d`` of the input and returns the
+change of the output with a rounding error relative to that change, not to the values: a float32
+estimate keeps its digits however small the perturbation.
 """
 from __future__ import annotations
 
@@ -15,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["pair", "conv_padding", "conv_out_size", "pool_out", "conv_weight_coords", "conv2d_weight_delta",
-           "linear_weight_delta", "bn_running_scale", "batch_norm_delta", "cross_entropy_delta"]
+           "linear_weight_delta", "bn_running_scale", "batch_norm_delta", "relu_delta", "clamp_delta",
+           "leaky_relu_delta", "sigmoid_delta", "tanh_delta", "silu_delta", "hardsigmoid_delta", "hardswish_delta",
+           "promoted_delta", "softmax_delta", "log_softmax_delta", "cross_entropy_delta"]
 
 
 def conv_out_size(n: int, k: int, stride: int = 1, pad: int = 0, dilation: int = 1) -> int:
@@ -132,6 +144,82 @@ def batch_norm_delta(x_hat: torch.Tensor, inv_std: torch.Tensor, weight: torch.T
     if weight is not None:
         d_inv, new_inv = d_inv * weight, new_inv * weight
     return torch.addcmul(torch.addcmul(-d_mean * new_inv, x_hat, d_inv), delta, new_inv)
+
+
+# ----------------------------------------------------------------------------- activations
+def relu_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Exact ``relu(x0 + d) - relu(x0)``: where x0 > 0 it is max(d, -x0), else relu(x0 + d)."""
+    return torch.where(x0 > 0, torch.maximum(d, -x0), torch.clamp_min(x0 + d, 0))
+
+
+def clamp_delta(x0: torch.Tensor, d: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """``clamp(x0 + d, lo, hi) - clamp(x0, lo, hi)`` (ReLU6, Hardtanh) without cancellation: with
+    ``c0 = clamp(x0)`` and the excess ``r = x0 - c0`` (0 inside), it is ``clamp(r + d, lo - c0, hi - c0)``;
+    every bound that can be active is within ``|d|`` of the point, so rounding stays relative to d."""
+    c0 = x0.clamp(lo, hi)
+    return torch.minimum(torch.maximum((x0 - c0) + d, lo - c0), hi - c0)
+
+
+def leaky_relu_delta(x0: torch.Tensor, d: torch.Tensor, slope: float) -> torch.Tensor:
+    """``f(x) = slope*x + (1 - slope)*relu(x)``: both terms have the sign of d, no cancellation."""
+    return d * slope + relu_delta(x0, d) * (1 - slope)
+
+
+def _finite_or(out: torch.Tensor, direct) -> torch.Tensor:
+    """``out`` where finite, else the plain difference (an overflowing expm1 of a huge delta)."""
+    bad = ~torch.isfinite(out)
+    return torch.where(bad, direct(), out) if bool(bad.any()) else out
+
+
+def sigmoid_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``s(x0 + d) - s(x0) = s (1 - s) expm1(d) / ((1 - s) + s exp(d))`` with ``s = sigmoid(x0)``
+    and ``1 - s = sigmoid(-x0)``: no term cancels (the denominator is a sum of positives)."""
+    s, r = torch.sigmoid(x0), torch.sigmoid(-x0)
+    return _finite_or(s * r * torch.expm1(d) / (r + s * torch.exp(d)), lambda: torch.sigmoid(x0 + d) - s)
+
+
+def tanh_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``tanh(x) = 2 sigmoid(2x) - 1``."""
+    return 2 * sigmoid_delta(2 * x0, 2 * d)
+
+
+def silu_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Product rule on ``x sigmoid(x)``: ``d sigmoid(x0 + d) + x0 (sigmoid(x0 + d) - sigmoid(x0))``."""
+    return d * torch.sigmoid(x0 + d) + x0 * sigmoid_delta(x0, d)
+
+
+def hardsigmoid_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``relu6(x + 3) / 6``."""
+    return clamp_delta(x0 + 3, d, 0.0, 6.0) / 6
+
+
+def hardswish_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Product rule on ``x g(x)``, ``g = relu6(x + 3) / 6``: ``d g(x0 + d) + x0 (g(x0 + d) - g(x0))``."""
+    dg = hardsigmoid_delta(x0, d)
+    return d * (torch.clamp(x0 + 3, 0, 6) / 6 + dg) + x0 * dg
+
+
+def promoted_delta(fn, x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``fn(x0 + d) - fn(x0)`` for an elementwise ``fn`` without a closed form here (GELU, ELU,
+    Mish, softplus, ...), taken in float64: the cancellation costs ~1e-16 of the values, far
+    below a float32 delta's own rounding. Float64 inputs get the plain difference."""
+    if x0.dtype == torch.float64:
+        return fn(x0 + d) - fn(x0)
+    x64 = x0.double()
+    return (fn(x64 + d.double()) - fn(x64)).to(d.dtype)
+
+
+def softmax_delta(s0: torch.Tensor, d: torch.Tensor, dim: int) -> torch.Tensor:
+    """Change of ``softmax(x0 + d)`` along ``dim`` from the base output ``s0 = softmax(x0)``:
+    ``s0_i (expm1(d_i) - S) / (1 + S)`` with ``S = sum_j s0_j expm1(d_j)``."""
+    e = torch.expm1(d)
+    big_s = (s0 * e).sum(dim, keepdim=True)
+    return s0 * (e - big_s) / (1 + big_s)
+
+
+def log_softmax_delta(s0: torch.Tensor, d: torch.Tensor, dim: int) -> torch.Tensor:
+    """Change of ``log_softmax(x0 + d)`` from ``s0 = softmax(x0)``: ``d_i - log1p(sum_j s0_j expm1(d_j))``."""
+    return d - torch.log1p((s0 * torch.expm1(d)).sum(dim, keepdim=True))
 
 
 def cross_entropy_delta(logits: torch.Tensor, target: torch.Tensor, delta: torch.Tensor,

@@ -14,16 +14,16 @@ Patterns (``[]`` optional; every inner node has a single user):
 * conv weight source: ``conv -> [BatchNorm2d] -> [+ unchanged]* -> [ReLU -> [MaxPool2d]]``
   (:func:`~deepzero_kernels.kernels.reference.conv_delta_chain`);
 * a one-channel delta entering ``BatchNorm2d`` or ``ReLU`` with the same tail (``channel_chain``);
-* a one-channel delta entering a ``groups=1`` conv: ``conv -> [BatchNorm2d] -> [+ unchanged] ->
-  [ReLU] -> [MaxPool2d] -> [global average pool]`` (``conv1ch_chain``), and the same tail after a
-  dense delta entering a batch-statistics ``BatchNorm2d`` (``bn_act_dense``);
+* a dense delta ``(B, K, C, H, W)`` entering ``BatchNorm2d`` or ``ReLU``: ``BatchNorm2d -> [+ unchanged]
+  -> [ReLU]`` as ``channel_chain`` over K*C one-channel deltas (each (k, c) keeps its own statistics);
+  the engine carries deltas, never perturbed values, so ``conv1ch_chain`` and ``bn_act_dense`` (which
+  produce values) are public ops it does not use;
 * the logits under the default cross-entropy loss: the final linear layer's own weights
   (``linear_weight_ce``), a one-feature delta (``linear_rank1_ce``) or dense features
   (``linear_dense_ce``) entering it give the per-sample loss change directly (:class:`LossDelta`).
 """
 from __future__ import annotations
 
-import functools
 import operator
 from dataclasses import dataclass, field
 
@@ -32,10 +32,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from .deltas import ChannelDelta, DenseDelta, DenseValue, to_values
+from .deltas import ChannelDelta, DenseDelta
 from .formulas import bn_running_scale, conv_padding, conv_weight_coords, pool_out
 from .functional import has_hooks
-from .kernels import NO_BN, NO_POOL, BnArgs, ConvArgs, PoolArgs
+from .kernels import NO_BN, NO_POOL, BnArgs, PoolArgs
 from .rules import uses_batch_stats
 
 __all__ = ["Fused", "LossDelta", "fused_source", "fused_node"]
@@ -59,7 +59,6 @@ class _Chain:
     adds: list = field(default_factory=list)  # (add node, the unchanged operand)
     relu: Node | None = None
     pool: Node | None = None
-    gap: Node | None = None
     nodes: list = field(default_factory=list)  # every node after the head, in order
 
 
@@ -99,14 +98,6 @@ def _max_pool(ctx, n: Node, h: int, w: int):
     return k, s
 
 
-def _global_avg(ctx, n: Node) -> bool:
-    if n.op == "call_module" and isinstance(ctx.module(n), nn.AdaptiveAvgPool2d):
-        return tuple(ctx.base(n).shape[-2:]) == (1, 1)
-    if n.op == "call_function" and n.target is F.adaptive_avg_pool2d:
-        return tuple(ctx.base(n).shape[-2:]) == (1, 1)
-    return False
-
-
 def _unchanged_operand(ctx, add: Node, prev: Node):
     """The other operand of ``prev + other`` if it is an unchanged tensor of the same shape."""
     if add.op == "call_function" and add.target in (operator.add, torch.add) and len(add.args) == 2 and not add.kwargs:
@@ -131,7 +122,7 @@ def _ends_chain(ctx, n) -> bool:
     return n is not None and (n in ctx.sources or (n.op == "call_module" and has_hooks(ctx.module(n))))
 
 
-def _match(ctx, head: Node, *, at_head: bool, allow_gap: bool) -> _Chain:
+def _match(ctx, head: Node, *, at_head: bool) -> _Chain:
     """The longest chain that starts at ``head`` (``at_head``) or right after it."""
     ch = _Chain()
     cur, nxt = (head.args[0], head) if at_head else (head, _sole_user(head))
@@ -157,9 +148,6 @@ def _match(ctx, head: Node, *, at_head: bool, allow_gap: bool) -> _Chain:
         if nxt is not None and nxt.args[0] is cur and _max_pool(ctx, nxt, h, w):
             ch.pool = nxt
             cur, nxt = step(nxt)
-    if allow_gap and nxt is not None and nxt.args and nxt.args[0] is cur and _global_avg(ctx, nxt):
-        ch.gap = nxt
-        step(nxt)
     return ch
 
 
@@ -185,19 +173,6 @@ def _bn_channel(ctx, bn_node: Node | None, like: torch.Tensor) -> BnArgs:
         return BnArgs.batch(w.contiguous(), xhat=x_hat.contiguous(), inv_std=inv_std.contiguous())
     scale = bn_running_scale(bn.running_var, bn.eps, None if bn.weight is None else bn.weight.detach())
     return BnArgs.running(scale.to(like.dtype).contiguous())
-
-
-def _bn_dense(ctx, bn_node: Node | None, like: torch.Tensor) -> BnArgs:
-    """The BatchNorm of a dense chain: its affine and eps, or the running statistics folded in."""
-    if bn_node is None:
-        return NO_BN
-    bn = ctx.module(bn_node)
-    w = bn.weight.detach() if bn.weight is not None else like.new_ones(bn.num_features)
-    b = bn.bias.detach() if bn.bias is not None else like.new_zeros(bn.num_features)
-    if uses_batch_stats(bn):
-        return BnArgs.batch(w.contiguous(), bias=b.contiguous(), eps=float(bn.eps))
-    scale = bn_running_scale(bn.running_var, bn.eps, w)
-    return BnArgs.running(scale.contiguous(), (b - bn.running_mean * scale).contiguous())
 
 
 def _pool(ctx, ch: _Chain) -> PoolArgs:
@@ -234,7 +209,7 @@ def fused_source(ctx, node: Node, mod, pname: str, param, idx: torch.Tensor, mu:
         c_out = param.shape[0]
         pad_l, _, pad_t, _ = conv_padding(mod.padding, mod.kernel_size, mod.dilation)
         o, src, u, v = conv_weight_coords(param.shape, idx, mod.groups)
-        ch = _match(ctx, node, at_head=False, allow_gap=False)
+        ch = _match(ctx, node, at_head=False)
         vals = kern.conv_delta_chain(xb.contiguous(), src, u * mod.dilation[0] - pad_t, v * mod.dilation[1] - pad_l,
                                      o, mu, stride=mod.stride, out_size=yb.shape[2:], c_out=c_out,
                                      bn=_bn_channel(ctx, ch.bn, yb), **_channel_tail(ctx, ch))
@@ -259,46 +234,35 @@ def fused_node(ctx, node: Node):
     mod = ctx.module(node) if node.op == "call_module" else None
     if type(rep) is ChannelDelta and xb.dim() == 4 and tuple(rep.view) == tuple(xb.shape[1:]):
         if _bn2d(ctx, node) is not None or _is_relu(ctx, node):
-            ch = _match(ctx, node, at_head=True, allow_gap=False)
+            ch = _match(ctx, node, at_head=True)
             vals = kern.channel_chain(rep.values.contiguous(), rep.index, bn=_bn_channel(ctx, ch.bn, xb),
                                       **_channel_tail(ctx, ch))
             return _place(node, ch, _channel_rep(ctx, ch, node, rep.index, vals))
-        if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros" \
-                and not isinstance(mod.padding, str) and len(node.args) == 1 and not node.kwargs:
-            return _conv1ch(ctx, node, mod, rep)
-    if isinstance(rep, (DenseValue, DenseDelta)) and xb.dim() == 4 and _bn2d(ctx, node) is not None \
-            and uses_batch_stats(mod):
-        ch = _match(ctx, node, at_head=True, allow_gap=True)
-        v = to_values(rep, xb).contiguous()
-        return _dense_tail(ctx, node, ch, functools.partial(kern.bn_act_dense, v, bn=_bn_dense(ctx, node, v)))
+    if type(rep) is DenseDelta and xb.dim() == 4 and (_bn2d(ctx, node) is not None or _is_relu(ctx, node)):
+        return _dense_chain(ctx, node, rep, xb)
     if isinstance(mod, nn.Linear) and xb.dim() == 2 and len(node.args) == 1 and _logits_ce(ctx, node):
         yb, wt = ctx.base(node).contiguous(), mod.weight.detach().contiguous()
         if type(rep) is ChannelDelta and len(rep.view) == 1:
             return {node: LossDelta(kern.linear_rank1_ce(rep.values.contiguous(), rep.index, wt, yb, ctx.targets))}
-        if isinstance(rep, (DenseValue, DenseDelta)):
-            return {node: LossDelta(kern.linear_dense_ce(to_values(rep, xb).contiguous(), xb.contiguous(), wt, yb,
+        if type(rep) is DenseDelta:
+            # The kernel takes (values, base) and forms values - base: give it the delta and a
+            # zero base, so that no digits are lost to that subtraction.
+            return {node: LossDelta(kern.linear_dense_ce(rep.values.contiguous(), torch.zeros_like(xb), wt, yb,
                                                          ctx.targets))}
     return NotImplemented
 
 
-def _dense_tail(ctx, head: Node, ch: _Chain, launch):
-    """Launch a dense chain kernel with the tail of ``ch``; the result is the last node's values."""
-    out = launch(residual=ctx.base(ch.adds[0][1]).contiguous() if ch.adds else None, relu=ch.relu is not None,
-                 pool=_pool(ctx, ch), global_avg=ch.gap is not None)
-    if ch.gap is not None:
-        out = out[..., None, None]  # the adaptive pool keeps (1, 1) spatial dims
-    return _place(head, ch, DenseValue(out))
-
-
-def _conv1ch(ctx, node: Node, conv: nn.Conv2d, rep: ChannelDelta):
-    """A one-channel delta through the next conv and the BatchNorm chain after it."""
-    kern = ctx.kernels
-    ch = _match(ctx, node, at_head=False, allow_gap=True)
-    if ch.bn is None or (not uses_batch_stats(ctx.module(ch.bn)) and ch.relu is None and ch.gap is None):
-        return NotImplemented  # no nonlinearity: the delta rule keeps an exact (cheaper) DenseDelta
-    base_out = ctx.base(node).contiguous()
-    w = conv.weight.detach().contiguous()
-    geometry = ConvArgs(conv.stride, conv.padding if isinstance(conv.padding, tuple) else (conv.padding,) * 2,
-                        conv.dilation)
-    return _dense_tail(ctx, node, ch, functools.partial(kern.conv1ch_chain, rep.values.contiguous(), rep.index, w,
-                                                        base_out, conv=geometry, bn=_bn_dense(ctx, ch.bn, base_out)))
+def _dense_chain(ctx, node: Node, rep: DenseDelta, xb: torch.Tensor):
+    """A dense delta ``(B, K, C, H, W)`` through BatchNorm -> ReLU (-> global average): the one-channel
+    chain kernel over K*C "perturbations", ``(k, c)`` changing channel c. Each keeps its own
+    statistics and the exact delta arithmetic of ``channel_chain``; a max pool is left to its rule."""
+    ch = _match(ctx, node, at_head=True)
+    if ch.pool is not None:
+        ch.nodes.remove(ch.pool)
+        ch.pool = None
+    b, k, c = rep.values.shape[:3]
+    index = torch.arange(c, device=xb.device).repeat(k)
+    flat = ChannelDelta(index, rep.values.reshape((b, k * c) + tuple(xb.shape[2:])), tuple(xb.shape[1:]))
+    vals = ctx.kernels.channel_chain(flat.values.contiguous(), index, bn=_bn_channel(ctx, ch.bn, xb),
+                                     **_channel_tail(ctx, ch))
+    return _place(node, ch, DenseDelta(vals.reshape((b, k, c) + tuple(vals.shape[2:]))))

@@ -1,15 +1,17 @@
-"""Models used by the paper and by the tests: the App. B simple CNN, CIFAR ResNets, an MLP.
+"""Models used by the paper and by the tests: the App. B simple CNN, CIFAR ResNets (ResNet-20/32/44/56
+and ResNet-18), MobileNetV2, an MLP.
 
 All models are plain ``nn.Module`` code with no registration: the delta engine discovers their
 structure by tracing them with ``torch.fx``.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["SimpleCNN", "MLP", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44",
-           "resnet56", "build_model"]
+           "resnet56", "resnet18", "InvertedResidual", "MobileNetV2", "mobilenet_v2", "build_model"]
 
 
 class SimpleCNN(nn.Module):
@@ -96,23 +98,26 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs as in He et al. (2016) and the DeepZero paper: a 3x3 stem
     with 16 channels, three stages of ``n`` basic blocks (16, 32, 64 channels), global average
-    pooling and a linear classifier. ResNet-20 (n=3) has 269,722 parameters with option A."""
+    pooling and a linear classifier. ResNet-20 (n=3) has 269,722 parameters with option A.
+    ``blocks`` (one count per stage) and ``widths`` give other depths, e.g. :func:`resnet18`."""
 
     def __init__(self, n: int, num_classes: int = 10, in_channels: int = 3, option: str = "A",
-                 widths=(16, 32, 64)):
+                 widths=(16, 32, 64), blocks=None):
         super().__init__()
+        blocks = tuple(blocks) if blocks is not None else (n,) * len(widths)
+        if len(blocks) != len(widths):
+            raise ValueError(f"blocks {blocks} and widths {tuple(widths)} must have one entry per stage")
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        stages = []
         in_planes = widths[0]
-        for i, planes in enumerate(widths):
-            blocks = []
-            for j in range(n):
+        self.num_stages = len(widths)
+        for i, (planes, count) in enumerate(zip(widths, blocks)):
+            stage = []
+            for j in range(count):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(in_planes, planes, stride, option))
+                stage.append(BasicBlock(in_planes, planes, stride, option))
                 in_planes = planes
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         for m in self.modules():
@@ -121,9 +126,71 @@ class CifarResNet(nn.Module):
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer3(self.layer2(self.layer1(out)))
+        for i in range(self.num_stages):
+            out = getattr(self, f"layer{i + 1}")(out)
         out = torch_flatten(self.pool(out))
         return self.fc(out)
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> CifarResNet:
+    """ResNet-18 for 32x32 inputs (the usual CIFAR variant: a 3x3 stem, no max pool): four stages
+    of two basic blocks, ``width`` x (1, 2, 4, 8) channels, option-B (1x1 conv + BN) shortcuts.
+    ``width=64`` is the standard 11.2M-parameter model; smaller widths keep its structure."""
+    return CifarResNet(2, num_classes, in_channels, option="B", widths=tuple(width * m for m in (1, 2, 4, 8)),
+                       blocks=(2, 2, 2, 2))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion (BN, ReLU6), 3x3 depthwise (BN, ReLU6), 1x1 linear
+    projection (BN), with the identity added when the shape is kept."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, expand: int):
+        super().__init__()
+        hidden = in_planes * expand
+        layers = []
+        if expand != 1:
+            layers += [nn.Conv2d(in_planes, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.ReLU6(inplace=True), nn.Conv2d(hidden, planes, 1, bias=False), nn.BatchNorm2d(planes)]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_planes == planes
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (Sandler et al., 2018) for 32x32 inputs: the stem and the first two stages keep
+    stride 1 (the common CIFAR variant), ``width_mult`` scales every width (rounded to a multiple
+    of 8, at least 8)."""
+
+    # (expansion t, channels c, blocks n, first stride s) of the paper's Table 2, CIFAR strides.
+    SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, last_channels: int = 1280):
+        super().__init__()
+        if width_mult <= 0:
+            raise ValueError(f"width_mult must be > 0, got {width_mult}")
+        scale = lambda c: max(8, int(c * width_mult + 4) // 8 * 8)  # noqa: E731
+        c = scale(32)
+        layers = [nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU6(inplace=True)]
+        for t, ch, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(c, scale(ch), s if i == 0 else 1, t))
+                c = scale(ch)
+        last = scale(last_channels) if width_mult > 1 else last_channels
+        layers += [nn.Conv2d(c, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True)]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(last, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def mobilenet_v2(num_classes: int = 10, in_channels: int = 3, width_mult: float = 1.0, **kw) -> MobileNetV2:
+    return MobileNetV2(num_classes, in_channels, width_mult, **kw)
 
 
 def torch_flatten(x):
@@ -149,8 +216,10 @@ def resnet56(**kw):
 
 def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
                 depth: int = 2, width: int = 16) -> nn.Module:
-    """Build a model by name: ``cnn`` (App. B, ``depth``/``width``), ``resnet20/32/44/56``, ``mlp``."""
-    resnets = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44, "resnet56": resnet56}
+    """Build a model by name: ``cnn`` (App. B, ``depth``/``width``), ``resnet20/32/44/56``,
+    ``resnet18`` (64 channels wide), ``mobilenet_v2``, ``mlp``."""
+    resnets = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44, "resnet56": resnet56,
+               "resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
     if name == "cnn":
         return SimpleCNN(in_channels, num_classes, depth=depth, width=width)
     if name in resnets:

@@ -34,10 +34,12 @@ from .runtime import rss_bytes
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "deepzero_kernels.train/1"
-MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "mlp")
+MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "mobilenet_v2", "mlp")
 # Flags that only change speed or display: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "out", "progress", "threads", "device", "backend", "memory_budget",
                "eval_batch_size", "dist_timeout", "check_every"}
+# Flags added after the checkpoint format was fixed: what runs that predate them used.
+ADDED_FLAGS = {"delta_precision": "fp32"}
 # torchrun settings: flag, else environment variable, else default (see dist_setting)
 DIST_ENV = {"dist_timeout": ("DZ_DIST_TIMEOUT", float, 300.0), "check_every": ("DZ_CHECK_EVERY", int, 10)}
 # The generators are seeded with seed * 1000 + i (i < 5), which torch takes as a 64-bit number.
@@ -122,6 +124,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="redraw the random masks every this many epochs (K_sparse)")
     g.add_argument("--backend", choices=("auto", "torch", "triton", "native"), default=d("auto"),
                    help="fused-op backend of the estimators")
+    g.add_argument("--delta-precision", choices=("fp32", "tf32", "bf16"), default=d("fp32"),
+                   help="precision of the conv/linear maps CGE applies to perturbation deltas (values always fp32)")
     g.add_argument("--memory-budget", type=int, default=d(None), metavar="BYTES",
                    help="bytes one chunk of CGE perturbations may use (default: engine's choice)")
     g = p.add_argument_group("optimisation")
@@ -286,7 +290,7 @@ def parse_args(argv=None):
             if k in saved and saved[k] != v:
                 p.error(f"--{k.replace('_', '-')} {v} differs from the run being resumed "
                         f"({saved[k]}); a resumed run keeps its configuration")
-        merged = dict(saved)
+        merged = {**ADDED_FLAGS, **saved}
         merged.update({k: v for k, v in vars(a).items() if k in RESUME_FREE})
         merged.update({k: v for k, v in explicit.items() if k in RESUME_FREE})
         merged["out"] = a.resume
@@ -500,7 +504,7 @@ def load_checkpoint(run_dir: str, cfg: dict) -> dict:
     problem = checkpoint_problem(ck)
     if problem:
         raise CheckpointError(f"checkpoint {path} is corrupt ({problem}); it was left untouched")
-    saved = ck.get("config", {})
+    saved = {**ADDED_FLAGS, **ck.get("config", {})}
     diff = {k: (saved.get(k), cfg.get(k)) for k in set(saved) | set(cfg)
             if k not in RESUME_FREE and saved.get(k) != cfg.get(k)}
     if diff:
@@ -812,7 +816,8 @@ def build_estimator(cfg: dict, model: nn.Module, densities: Optional[dict] = Non
                    for n, p in params.items())
     if cfg["estimator"] == "rge":
         return RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active, scale="unbiased"), d_active
-    kw = {"mu": cfg["mu"], "backend": cfg["backend"], "memory_budget": cfg["memory_budget"]}
+    kw = {"mu": cfg["mu"], "backend": cfg["backend"], "memory_budget": cfg["memory_budget"],
+          "delta_precision": cfg.get("delta_precision", "fp32")}
     if distributed:
         from .distributed import DistributedCGE
         return DistributedCGE(model, check_every=dist_setting(cfg, "check_every"), **kw), d_active

@@ -457,6 +457,27 @@ class WindowAttention(nn.Module):
         return self.head(h.mean([1, 2]))
 
 
+class SdpaBlock(nn.Module):
+    """(12b) Pre-norm block with F.scaled_dot_product_attention (causal) over conv patches."""
+
+    def __init__(self, dim=4, heads=2, classes=3):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(2, dim, 2, stride=2)
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        h = self.embed(x).flatten(2).transpose(1, 2)               # (B, T, dim)
+        b, t, c = h.shape
+        qkv = self.qkv(self.norm(h)).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        h = h + self.proj(o.transpose(1, 2).reshape(b, t, c))
+        return self.head(torch.log_softmax(h, -1).mean(1))
+
+
 class TupleOut(nn.Module):
     """(14) forward returns (logits, aux)."""
 
@@ -569,6 +590,7 @@ ZOO = {
     "layernorm_functional": _vec_case(LayerNormFunctional, d=6),
     "vit": _img_case(TinyViT, b=4, s=8),
     "window_attention": _img_case(WindowAttention, b=4, s=8),
+    "sdpa_attention": _img_case(SdpaBlock, b=4, s=8),
     "tuple_output": lambda: (TupleOut(), _images(5, 2, 6), _targets(5, 3), lambda out: out[0]),
     "dict_output": lambda: (DictOut(), _images(5, 2, 6), _targets(5, 3), lambda out: out["logits"]),
     "data_dependent": _data_dependent,

@@ -78,9 +78,19 @@ def channel_chain(values, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu
         return torch.where(x0 > 0, torch.maximum(d, -x0), torch.clamp_min(x0 + d, 0))
     b, k = d.shape[:2]
     hp, wp = pool_base.shape[-2:]
-    # max pool commutes with ReLU: pool the ReLU's perturbed input, then apply the ReLU.
-    pooled = max_pool_clipped((x0 + d).reshape(b * k, 1, *d.shape[2:]), pool_k, pool_s, hp, wp)
-    return pooled.reshape(b, k, hp, wp).clamp_min(0) - _gather(pool_base, channel)
+    # max pool commutes with ReLU: the argmax of the ReLU's perturbed input in each window, then the
+    # exact change there from the base input bx and change bd at it, and the base output m0:
+    # max((bx - m0) + bd, -m0) where m0 > 0, else relu(bx + bd). No pooled values are subtracted.
+    h, w = d.shape[2:]
+    pad = (0, max(0, (wp - 1) * pool_s + pool_k - w), 0, max(0, (hp - 1) * pool_s + pool_k - h))
+    xp = F.pad(x0, pad, value=float("-inf")).reshape(b * k, 1, h + pad[3], w + pad[1])
+    dp = F.pad(d, pad).reshape(b * k, 1, h + pad[3], w + pad[1])
+    _, j = F.max_pool2d(xp + dp, pool_k, pool_s, return_indices=True)
+    j = j[..., :hp, :wp].reshape(b, k, hp * wp)
+    bx = xp.reshape(b, k, -1).gather(2, j).reshape(b, k, hp, wp)
+    bd = dp.reshape(b, k, -1).gather(2, j).reshape(b, k, hp, wp)
+    m0 = _gather(pool_base, channel)
+    return torch.where(m0 > 0, torch.maximum((bx - m0) + bd, -m0), torch.clamp_min(bx + bd, 0))
 
 
 def conv_delta_chain(x, src_channel, off_h, off_w, out_channel, mu, stride_h, stride_w, h_out, w_out,

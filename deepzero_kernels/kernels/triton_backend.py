@@ -149,7 +149,10 @@ def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw,
             b = t // NP
             r = t % NP
             best = tl.full([BLOCK], float("-inf"), DT)
-            # max pool commutes with the ReLU: pool x0 + d over the clipped window, then ReLU
+            bx = tl.zeros([BLOCK], DT)
+            bd = tl.zeros([BLOCK], DT)
+            # max pool commutes with the ReLU: the argmax of x0 + d over the clipped window holds
+            # base input bx and change bd; the exact change is taken there (no pooled difference)
             for u in range(PK):
                 i = (r // WP) * PS + u
                 for v in range(PK):
@@ -162,8 +165,12 @@ def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw,
                     elif BN_MODE == _BN_RUNNING:
                         d = d * wc
                     x0 = tl.load(rbase + off, mask=ok, other=0.0)
-                    best = tl.maximum(best, tl.where(ok, x0 + d, float("-inf")))
-            res = tl.maximum(best, 0.0) - tl.load(pbase + (b * C + c) * NP + r, mask=m, other=0.0)
+                    take = ok & ((x0 + d > best) | ((u == 0) & (v == 0)))
+                    best = tl.where(take, x0 + d, best)
+                    bx = tl.where(take, x0, bx)
+                    bd = tl.where(take, d, bd)
+            m0 = tl.load(pbase + (b * C + c) * NP + r, mask=m, other=0.0)
+            res = tl.where(m0 > 0, tl.maximum((bx - m0) + bd, -m0), tl.maximum(bx + bd, 0.0))
             tl.store(out + (b * K + k) * NP + r, res, mask=m)
     else:
         for t0 in range(0, B * HW, BLOCK):

@@ -1,11 +1,17 @@
-"""Elementwise rules: identity-like ops and activations. A one-channel delta stays one channel."""
+"""Elementwise rules: identity-like ops and activations. A one-channel delta stays one channel; a
+dense delta stays a delta (exact difference formulas evaluated from the base input)."""
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deltas import ChannelDelta, ChannelPreReLU, DenseValue, gather_channels, relu_delta, to_values
+from ..deltas import ChannelDelta, ChannelPreReLU, DenseDelta, DenseValue, expand_base, gather_channels
+from ..formulas import (clamp_delta, hardsigmoid_delta, hardswish_delta, leaky_relu_delta, promoted_delta, relu_delta,
+                        sigmoid_delta, silu_delta, tanh_delta)
 from ..graph import DROPOUT_FUNCS, dropout_active
 from .registry import as_function, find_rule, first_input, only_first_changed, rule
 
@@ -41,24 +47,75 @@ def _is_plain_relu(ctx, node) -> bool:
     return node.target in (F.relu, torch.relu, "relu", "relu_")
 
 
+def _bound_args(node, ctx) -> dict:
+    """The keyword arguments of a functional activation call after its input (defaults filled)."""
+    try:
+        sig = inspect.signature(node.target)
+        bound = sig.bind(*[ctx.value(a) for a in node.args], **{k: ctx.value(v) for k, v in node.kwargs.items()})
+    except (TypeError, ValueError):
+        return {}
+    bound.apply_defaults()
+    return dict(list(bound.arguments.items())[1:])
+
+
+def delta_formula(ctx, node):
+    """``formula(x0, d)``: the exact change of the activation at ``node`` (see ``formulas``); a
+    function without a closed form gets its difference taken in float64."""
+    if node.op == "call_module":
+        m = ctx.module(node)
+        kind, args = type(m), {}
+        if kind in (nn.Hardtanh, nn.ReLU6):
+            kind, args = nn.Hardtanh, dict(min_val=m.min_val, max_val=m.max_val)
+        elif kind is nn.LeakyReLU:
+            args = dict(negative_slope=m.negative_slope)
+    else:
+        kind = _KINDS.get(node.target)
+        args = _bound_args(node, ctx) if node.op == "call_function" and kind is not None else {}
+        if kind is F.relu6:
+            kind, args = nn.Hardtanh, dict(min_val=0.0, max_val=6.0)
+        elif kind is F.hardtanh:
+            kind = nn.Hardtanh
+        elif node.op == "call_method" and len(node.args) > 1:
+            kind = None
+    if kind in (nn.ReLU, F.relu):
+        return relu_delta
+    if kind is nn.Hardtanh:
+        return functools.partial(clamp_delta, lo=float(args.get("min_val", -1.0)), hi=float(args.get("max_val", 1.0)))
+    if kind in (nn.LeakyReLU, F.leaky_relu):
+        return functools.partial(leaky_relu_delta, slope=float(args.get("negative_slope", 0.01)))
+    closed = _CLOSED.get(kind)
+    if closed is not None:
+        return closed
+    return functools.partial(promoted_delta, as_function(ctx, node))
+
+
+_KINDS = {F.relu: F.relu, torch.relu: F.relu, "relu": F.relu, "relu_": F.relu, F.relu6: F.relu6,
+          F.hardtanh: F.hardtanh, F.leaky_relu: F.leaky_relu, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid,
+          "sigmoid": nn.Sigmoid, torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh, F.silu: nn.SiLU,
+          F.hardsigmoid: nn.Hardsigmoid, F.hardswish: nn.Hardswish}
+_CLOSED = {nn.Sigmoid: sigmoid_delta, nn.Tanh: tanh_delta, nn.SiLU: silu_delta, nn.Hardsigmoid: hardsigmoid_delta,
+           nn.Hardswish: hardswish_delta}
+
+
 @rule(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, "relu", "relu_", "tanh", "sigmoid")
 def activation(ctx, node):
+    """A one-channel delta stays one channel; a dense delta stays a delta (exact formulas from the
+    base input, :func:`delta_formula`); perturbed values (after a fallback) stay values."""
     if not only_first_changed(ctx, node):
         return NotImplemented
     x = first_input(node)
-    rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
-    fn = as_function(ctx, node)
-    if not isinstance(rep, ChannelDelta):
-        return DenseValue(fn(to_values(rep, xb)))
-    x0, d = gather_channels(xb, rep), rep.values
-    if _is_plain_relu(ctx, node):
-        users = list(node.users)
-        if len(users) == 1 and getattr(_rule_of(ctx, users[0]), "accepts_pre_relu", False):
-            return ChannelPreReLU(rep.index, d, rep.view, pre=x0)  # the max pool applies it
-        out = relu_delta(x0, d)
-    else:
-        out = fn(x0 + d) - gather_channels(yb, rep)
-    return ChannelDelta(rep.index, out, rep.view)
+    rep, xb = ctx.rep(x), ctx.base(x)
+    if isinstance(rep, DenseValue):
+        return DenseValue(as_function(ctx, node)(rep.values))
+    formula = delta_formula(ctx, node)
+    if isinstance(rep, ChannelDelta):
+        x0, d = gather_channels(xb, rep), rep.values
+        if _is_plain_relu(ctx, node):
+            users = list(node.users)
+            if len(users) == 1 and getattr(_rule_of(ctx, users[0]), "accepts_pre_relu", False):
+                return ChannelPreReLU(rep.index, d, rep.view, pre=x0)  # the max pool applies it
+        return ChannelDelta(rep.index, formula(x0, d), rep.view)
+    return DenseDelta(formula(expand_base(xb), rep.values))
 
 
 def _rule_of(ctx, node):

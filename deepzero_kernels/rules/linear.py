@@ -2,12 +2,15 @@
 weights. These ops mix channels: a one-channel delta entering one becomes dense."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, flat, true_layout, unflat
 from ..formulas import conv2d_weight_delta, conv_padding, linear_weight_delta, pair
+from ..precision import delta_map
 from .registry import first_input, only_first_changed, rule, source_rule
 
 
@@ -20,10 +23,16 @@ def _conv(ctx, node, weight, bias, stride, padding, dilation, groups, padding_mo
     pad = conv_padding(padding, weight.shape[2:], dilation)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     b, k = rep.values.shape[:2]
+    prec = ctx.engine.delta_precision
     if isinstance(rep, ChannelDelta):
         if not true_layout(rep, xb):
             return NotImplemented
         c_out, c_in_g = weight.shape[:2]
+        d = F.pad(rep.values, pad, mode=mode) if any(pad) else rep.values
+        if c_in_g == 1 and c_out == groups:
+            # Depthwise: input channel c feeds output channel c alone; the delta stays one channel.
+            out = delta_map(prec, F.conv2d, d, weight[rep.index], None, stride, 0, dilation, k)
+            return ChannelDelta(rep.index, out, (c_out,) + tuple(out.shape[2:]))
         # One input channel per perturbation: a conv with K groups of one input channel
         # over the (B, K, H, W) delta, 1/C_in of the layer's cost.
         c_local = rep.index % c_in_g
@@ -32,16 +41,15 @@ def _conv(ctx, node, weight, bias, stride, padding, dilation, groups, padding_mo
             g_of_out = torch.arange(c_out, device=w.device) // (c_out // groups)
             keep = (g_of_out[None, :] == (rep.index // c_in_g)[:, None]).to(w.dtype)
             w = w * keep[:, :, None, None]
-        d = F.pad(rep.values, pad, mode=mode) if any(pad) else rep.values
-        out = F.conv2d(d, w.reshape(k * c_out, 1, *weight.shape[2:]), None, stride, 0, dilation, k)
+        out = delta_map(prec, F.conv2d, d, w.reshape(k * c_out, 1, *weight.shape[2:]), None, stride, 0, dilation, k)
         return DenseDelta(out.reshape((b, k, c_out) + tuple(out.shape[2:])))
     # Dense input: one convolution over the B*K samples, on values or on the delta.
-    v = isinstance(rep, DenseValue)
     d = flat(rep.values)
     if any(pad):
         d = F.pad(d, pad, mode=mode)
-    out = F.conv2d(d, weight, bias if v else None, stride, 0, dilation, groups)
-    return (DenseValue if v else DenseDelta)(unflat(out, b, k))
+    if isinstance(rep, DenseValue):
+        return DenseValue(unflat(F.conv2d(d, weight, bias, stride, 0, dilation, groups), b, k))
+    return DenseDelta(unflat(delta_map(prec, F.conv2d, d, weight, None, stride, 0, dilation, groups), b, k))
 
 
 @rule(nn.Conv2d, mixes_channels=True)
@@ -67,15 +75,16 @@ def conv_function(ctx, node):
 def _linear(ctx, node, weight, bias):
     x = first_input(node)
     rep, xb = ctx.rep(x), ctx.base(x)
+    prec = ctx.engine.delta_precision
     if isinstance(rep, ChannelDelta) and xb.dim() == 2:
         c = rep.index
         if len(rep.view) == 1:  # one input coordinate: a rank-1 update
             return DenseDelta(rep.values[:, :, None] * weight.t()[c][None])
         wk = weight.reshape(weight.shape[0], rep.view[0], -1)[:, c, :]  # (N_out, K, L)
-        return DenseDelta(torch.einsum("bkl,nkl->bkn", rep.values, wk))
+        return DenseDelta(delta_map(prec, functools.partial(torch.einsum, "bkl,nkl->bkn"), rep.values, wk))
     if isinstance(rep, DenseValue):
         return DenseValue(F.linear(rep.values, weight, bias))
-    return DenseDelta(F.linear(densify(rep, xb), weight))
+    return DenseDelta(delta_map(prec, F.linear, densify(rep, xb), weight))
 
 
 @rule(nn.Linear, mixes_channels=True)

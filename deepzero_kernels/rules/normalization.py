@@ -1,12 +1,15 @@
-"""BatchNorm: channel-local, with batch statistics (exact change of mean and variance from
+"""BatchNorm and LayerNorm. BatchNorm is channel-local, with batch statistics (exact change of mean and variance from
 moments of the delta) or running statistics (a per-channel scale); and the source deltas of its
 own affine parameters."""
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, flat, gather_channels, to_values, true_layout, unflat
+from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, flat, gather_channels, true_layout, unflat
 from ..formulas import batch_norm_delta, bn_running_scale
 from .registry import first_input, only_first_changed, rule, source_rule
 
@@ -35,9 +38,16 @@ def batch_norm_module(ctx, node):
             dims = (0,) + tuple(range(2, xc.dim()))
             out = batch_norm_delta(xc, inv_std[rep.index].reshape(per_k), w, rep.values, dims)
             return ChannelDelta(rep.index, out, rep.view)
-        # Dense: statistics of each perturbation's batch. (B, K, C, ...) viewed as
-        # (B, K*C, ...) is a batch norm over K*C channels, one native kernel.
-        v = to_values(rep, xb)
+        if isinstance(rep, DenseDelta):
+            # Each perturbation's own statistics, from moments of its delta (no cancellation).
+            x_hat, inv_std = ctx.bn_stats(node, x)
+            chan = (1, 1, -1) + (1,) * (xb.dim() - 2)  # broadcasts over (B, K, C, *inner)
+            w = None if bn.weight is None else bn.weight.reshape(chan)
+            dims = (0,) + tuple(range(3, xb.dim() + 1))
+            return DenseDelta(batch_norm_delta(x_hat.unsqueeze(1), inv_std.reshape(chan), w, rep.values, dims))
+        # Perturbed values (after a fallback node): statistics of each perturbation's batch.
+        # (B, K, C, ...) viewed as (B, K*C, ...) is a batch norm over K*C channels, one kernel.
+        v = rep.values
         b, k = v.shape[:2]
         w = None if bn.weight is None else bn.weight.repeat(k)
         bias = None if bn.bias is None else bn.bias.repeat(k)
@@ -71,3 +81,57 @@ def batch_norm_source(ctx, node, path, param, idx, mu):
         x_norm = (xb - mod.running_mean.reshape(shape)) * bn_running_scale(mod.running_var, mod.eps, None).reshape(shape)
     rep = ChannelDelta(idx, None, tuple(yb.shape[1:]))
     return ChannelDelta(idx, gather_channels(x_norm, rep) * mu, tuple(yb.shape[1:]))
+
+
+@rule(nn.LayerNorm, F.layer_norm)
+def layer_norm(ctx, node):
+    """The statistics of each position (over the normalized trailing dims) change with the delta:
+    the BatchNorm algebra per position, from moments of the delta."""
+    if not only_first_changed(ctx, node):
+        return NotImplemented
+    x = first_input(node)
+    rep, xb = ctx.rep(x), ctx.base(x)
+    if node.op == "call_module":
+        m = ctx.module(node)
+        shape, weight, eps = tuple(m.normalized_shape), m.weight, m.eps
+    else:
+        args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args))
+        args.update(node.kwargs)
+        shape, weight, eps = tuple(ctx.value(args["normalized_shape"])), ctx.value(args.get("weight")), \
+            ctx.value(args.get("eps", 1e-5))
+    nd = len(shape)
+    if isinstance(rep, DenseValue) or xb.dim() <= nd:
+        return NotImplemented  # values: the exact fallback; no batch dim outside the normalized dims
+    dims = tuple(range(xb.dim() - nd, xb.dim()))
+    mean = xb.mean(dims, keepdim=True)
+    x_hat = xb - mean
+    inv_std = torch.rsqrt(x_hat.square().mean(dims, keepdim=True) + eps)
+    d = densify(rep, xb)
+    return DenseDelta(batch_norm_delta(x_hat.unsqueeze(1), inv_std.unsqueeze(1), weight, d,
+                                       tuple(i + 1 for i in dims)))
+
+
+@source_rule(nn.LayerNorm)
+def layer_norm_source(ctx, node, path, param, idx, mu):
+    """``bias[j] += mu`` adds mu to normalized coordinate j of every position; ``weight[j] += mu``
+    adds ``mu * x_norm[..., j]``. One channel for a ``(B, D)`` input, else a dense delta."""
+    m = ctx.module(node)
+    xb, yb = ctx.base(node.args[0]), ctx.base(node)
+    nd = len(m.normalized_shape)
+    if xb.dim() <= nd or path not in ("weight", "bias"):
+        return None
+    k = idx.numel()
+    if path == "bias":
+        vals = yb.new_full(tuple(xb.shape[:xb.dim() - nd]) + (k,), mu)
+    else:
+        dims = tuple(range(xb.dim() - nd, xb.dim()))
+        x_hat = xb - xb.mean(dims, keepdim=True)
+        x_norm = x_hat * torch.rsqrt(x_hat.square().mean(dims, keepdim=True) + m.eps)
+        vals = x_norm.flatten(xb.dim() - nd).index_select(-1, idx) * mu  # (*lead, K)
+    if xb.dim() == 2 and nd == 1:
+        return ChannelDelta(idx, vals, tuple(yb.shape[1:]))
+    lead = tuple(xb.shape[:xb.dim() - nd])
+    full = yb.new_zeros((xb.shape[0], k) + lead[1:] + (math.prod(m.normalized_shape),))
+    ks = torch.arange(k, device=full.device)
+    full.movedim(-1, 2)[:, ks, idx] = vals.movedim(-1, 1)  # set coordinate idx[k] of perturbation k
+    return DenseDelta(full.reshape((xb.shape[0], k) + tuple(yb.shape[1:])))

@@ -1,12 +1,16 @@
-"""Pooling rules: max pooling keeps a one-channel delta one channel (on values), average pooling
-is linear (on the delta)."""
+"""Pooling rules: max pooling keeps a one-channel delta one channel and carries a dense delta as a
+delta (exact change at the perturbed argmax), average pooling is linear (on the delta)."""
 from __future__ import annotations
 
+import copy
+
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deltas import (ChannelDelta, ChannelPreReLU, DenseDelta, DenseValue, flat, gather_channels, to_values,
+from ..deltas import (ChannelDelta, ChannelPreReLU, DenseDelta, DenseValue, expand_base, flat, gather_channels,
                       true_layout, unflat)
+from ..formulas import relu_delta
 from .registry import as_function, first_input, only_first_changed, rule
 
 
@@ -17,29 +21,61 @@ def _pool(ctx, node, linear: bool):
     rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
     if isinstance(yb, (tuple, list)) or xb.dim() != _spatial_rank(ctx, node) + 2:
         return NotImplemented  # return_indices=True, or an unbatched input (channel dim not dim 1)
-    fn = as_function(ctx, node)
     if isinstance(rep, ChannelPreReLU) and (not true_layout(rep, xb) or linear):
         rep = ctx.reps[x] = rep.materialize()
-    if isinstance(rep, ChannelDelta):
-        if not true_layout(rep, xb):
-            return NotImplemented
-        b, k = rep.values.shape[:2]
-        if isinstance(rep, ChannelPreReLU):  # pool the ReLU's input, then apply the ReLU
-            v = rep.values + rep.pre
-        else:
-            v = rep.values if linear else rep.values + gather_channels(xb, rep)
-        out = fn(v.reshape((b * k, 1) + tuple(v.shape[2:])))
-        out = out.reshape((b, k) + tuple(out.shape[2:]))
-        if isinstance(rep, ChannelPreReLU):
-            out = out.clamp_min_(0)
-        out_view = tuple(yb.shape[1:])
-        if not linear:
-            out = out - gather_channels(yb, ChannelDelta(rep.index, None, out_view))
-        return ChannelDelta(rep.index, out, out_view)
+    if isinstance(rep, ChannelDelta) and not true_layout(rep, xb):
+        return NotImplemented
     b, k = rep.values.shape[:2]
-    if linear and isinstance(rep, DenseDelta):
+    if linear:  # average pooling is linear: pool the delta
+        fn = as_function(ctx, node)
+        if isinstance(rep, DenseValue):
+            return DenseValue(unflat(fn(flat(rep.values)), b, k))
+        if isinstance(rep, ChannelDelta):
+            out = fn(rep.values.reshape((b * k, 1) + tuple(rep.values.shape[2:])))
+            return ChannelDelta(rep.index, out.reshape((b, k) + tuple(out.shape[2:])), tuple(yb.shape[1:]))
         return DenseDelta(unflat(fn(flat(rep.values)), b, k))
-    return DenseValue(unflat(fn(flat(to_values(rep, xb))), b, k))
+    if isinstance(rep, DenseValue):
+        return DenseValue(unflat(as_function(ctx, node)(flat(rep.values)), b, k))
+    pool = _with_indices(ctx, node)
+    if isinstance(rep, ChannelDelta):  # each k its own one-channel batch: (B, K, 1, *spatial)
+        d = rep.values.unsqueeze(2)
+        if isinstance(rep, ChannelPreReLU):
+            # relu(max(pre + d)) - relu(max(pre)): the change of the max, then of the ReLU.
+            pre = rep.pre.unsqueeze(2)
+            m0 = unflat(pool(flat(pre))[0], b, k)
+            out = relu_delta(m0, max_pool_delta(pool, pre, d, m0))
+        else:
+            c_rep = ChannelDelta(rep.index, None, tuple(yb.shape[1:]))
+            out = max_pool_delta(pool, gather_channels(xb, rep).unsqueeze(2), d,
+                                 gather_channels(yb, c_rep).unsqueeze(2))
+        return ChannelDelta(rep.index, out.squeeze(2), tuple(yb.shape[1:]))
+    return DenseDelta(max_pool_delta(pool, expand_base(xb), rep.values, expand_base(yb)))
+
+
+def max_pool_delta(pool, x0: torch.Tensor, d: torch.Tensor, m0: torch.Tensor) -> torch.Tensor:
+    """``max_pool(x0 + d) - max_pool(x0)`` for ``d`` ``(B, K, C, *spatial)``, ``x0`` and the base
+    output ``m0`` broadcastable to it. Taken as ``(x0[j'] - m0) + d[j']`` at the perturbed argmax
+    ``j'``: a difference of two base values (exact where they are close) plus the delta, never a
+    difference of two pooled values. Where the perturbed window's top two entries tie within an
+    ulp, j' may be the other one: an error of at most one ulp of the activation there."""
+    b, k = d.shape[:2]
+    _, j = pool(flat(x0 + d))
+    j = unflat(j, b, k)
+    out_shape, j = j.shape, j.flatten(3)
+    gather = lambda t: t.expand(d.shape).flatten(3).gather(3, j)  # noqa: E731
+    return ((gather(x0) - m0.flatten(3)) + gather(d)).reshape(out_shape)
+
+
+def _with_indices(ctx, node):
+    """The node's max pool as ``t -> (values, flat spatial indices)``."""
+    if node.op == "call_module":
+        m = copy.copy(ctx.module(node))
+        m.return_indices = True
+        return m
+    rest = [ctx.value(a) for a in node.args[1:]]
+    kwargs = {k: ctx.value(v) for k, v in node.kwargs.items()}
+    kwargs["return_indices"] = True
+    return lambda t: node.target(t, *rest, **kwargs)
 
 
 def _spatial_rank(ctx, node) -> int:

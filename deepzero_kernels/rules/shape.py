@@ -167,3 +167,50 @@ def reduce_mean_sum(ctx, node):
         rep = DenseDelta(densify(rep, xb))
     out = op(rep.values, [d + 1 for d in dims], keepdim=keepdim)  # the K dim sits at 1
     return type(rep)(out)
+
+
+@rule(torch.transpose, torch.permute, "transpose", "permute", "unsqueeze", torch.unsqueeze, torch.roll, "roll",
+      "swapaxes", torch.swapaxes, "movedim", torch.movedim)
+def move_dims(ctx, node):
+    """Ops that only move elements (transpose, permute, unsqueeze, roll, ...) are linear: the same op
+    on each perturbation's delta, i.e. on the K-major view with every dim shifted by one."""
+    if not only_first_changed(ctx, node):
+        return NotImplemented
+    x = first_input(node)
+    rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
+    if xb.dim() < 1 or yb.dim() < 1:
+        return NotImplemented
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    args = [ctx.value(a) for a in node.args[1:]]
+    kwargs = {k: ctx.value(v) for k, v in node.kwargs.items()}
+    if isinstance(rep, ChannelDelta):
+        rep = DenseDelta(densify(rep, xb))
+    shift = lambda d: d % xb.dim() + 1  # noqa: E731  a dim of the base -> of the K-major view
+    try:
+        if name == "roll":
+            shifts = args[0] if args else kwargs["shifts"]
+            dims = args[1] if len(args) > 1 else kwargs.get("dims")
+            if dims is None:
+                return NotImplemented  # a roll of the flattened tensor mixes the batch
+            dims = [shift(d) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+            fn = lambda t: torch.roll(t, shifts, dims)  # noqa: E731
+        elif name == "unsqueeze":
+            d = (args[0] if args else kwargs["dim"]) % (xb.dim() + 1)
+            fn = lambda t: t.unsqueeze(d + 1)  # noqa: E731
+        elif name in ("transpose", "swapaxes"):
+            a, b = (shift(d) for d in (args if args else (kwargs["dim0"], kwargs["dim1"])))
+            fn = lambda t: t.transpose(a, b)  # noqa: E731
+        elif name == "movedim":
+            src, dst = args if args else (kwargs["source"], kwargs["destination"])
+            src = [shift(d) for d in (src if isinstance(src, (list, tuple)) else [src])]
+            dst = [shift(d) for d in (dst if isinstance(dst, (list, tuple)) else [dst])]
+            fn = lambda t: t.movedim(src, dst)  # noqa: E731
+        else:  # permute
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args or kwargs["dims"]
+            fn = lambda t: t.permute([0] + [shift(d) for d in dims])  # noqa: E731
+    except (KeyError, TypeError, ValueError):
+        return NotImplemented
+    out = fn(rep.values.movedim(1, 0))
+    if tuple(out.shape[1:]) != tuple(yb.shape):
+        return NotImplemented
+    return type(rep)(out.movedim(0, 1))
