@@ -155,6 +155,27 @@ void check_conv1ch_chain(const at::Tensor& delta, const at::Tensor& channel, con
   check_dense(delta, B, Cout, Ho, Wo, bn_mode, bn_weight, bn_bias, eps, residual, pool_k, pool_s);
 }
 
+void check_conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                               int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std,
+                               const at::Tensor& bn_weight, const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
+                               const at::Tensor& pool_base) {
+  check_float(delta, "delta");
+  check(delta, "delta", delta, {-1, -1, -1, -1});
+  check(weight, "weight", delta, {-1, -1, -1, -1});
+  TORCH_CHECK(stride_h >= 1 && stride_w >= 1 && dil_h >= 1 && dil_w >= 1 && pad_h >= 0 && pad_w >= 0,
+              "stride and dilation must be >= 1 and padding >= 0");
+  const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
+  const int64_t Cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
+  TORCH_CHECK(kh >= 1 && kw >= 1 && weight.size(1) >= 1 && Cout >= 1, "weight must not be empty");
+  const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "the convolution has an empty output");
+  check_index(channel, "channel", delta, K, weight.size(1));
+  const int64_t C = check_onech(delta, B, Ho, Wo, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s,
+                                pool_base);
+  TORCH_CHECK(C == Cout, "the chain after the conv has ", C, " channels, the conv has ", Cout, " outputs");
+}
+
 void check_ce(const at::Tensor& ref, const at::Tensor& logits, const at::Tensor& target) {
   check(logits, "logits", ref, {-1, -1});
   TORCH_CHECK(logits.size(0) >= 1 && logits.size(1) >= 1, "logits must not be empty");
@@ -223,6 +244,9 @@ TORCH_LIBRARY(deepzero, m) {
   m.def("conv1ch_chain(Tensor delta, Tensor channel, Tensor weight, int stride_h, int stride_w, int pad_h, "
         "int pad_w, int dil_h, int dil_w, Tensor base_out, int bn_mode, Tensor bn_weight, Tensor bn_bias, float eps, "
         "Tensor residual, bool relu, int pool_k, int pool_s, bool global_avg) -> Tensor");
+  m.def("conv1ch_delta_chain(Tensor delta, Tensor channel, Tensor weight, int stride_h, int stride_w, int pad_h, "
+        "int pad_w, int dil_h, int dil_w, int bn_mode, Tensor bn_xhat, Tensor bn_inv_std, Tensor bn_weight, "
+        "Tensor relu_base, int pool_k, int pool_s, Tensor pool_base) -> Tensor");
   m.def("linear_weight_ce(Tensor x, Tensor logits, Tensor target, Tensor idx, float mu) -> Tensor");
   m.def("linear_rank1_ce(Tensor values, Tensor channel, Tensor weight, Tensor logits, Tensor target) -> Tensor");
   m.def("linear_dense_ce(Tensor values, Tensor base, Tensor weight, Tensor logits, Tensor target) -> Tensor");
@@ -234,6 +258,7 @@ TORCH_LIBRARY(deepzero, m) {
   DZ_IMPL(m, conv_delta_chain, dev);      \
   DZ_IMPL(m, bn_act_dense, dev);          \
   DZ_IMPL(m, conv1ch_chain, dev);         \
+  DZ_IMPL(m, conv1ch_delta_chain, dev);   \
   DZ_IMPL(m, linear_weight_ce, dev);      \
   DZ_IMPL(m, linear_rank1_ce, dev);       \
   DZ_IMPL(m, linear_dense_ce, dev)

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -62,6 +63,16 @@ void set_cpu_isa(const std::string& isa) {
 #else
 #define DZ_CPU_CALL(fn, ...) baseline::fn(__VA_ARGS__)
 #endif
+
+at::Tensor conv1ch_delta_chain_cpu(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+                                   int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                                   int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat,
+                                   const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
+                                   const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
+                                   const at::Tensor& pool_base) {
+  return DZ_CPU_CALL(conv1ch_delta_chain, delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                     bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base);
+}
 
 at::Tensor channel_chain_cpu(const at::Tensor& values, const at::Tensor& channel, int64_t bn_mode,
                              const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,

@@ -162,28 +162,38 @@ void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restric
     for (int64_t e = 0; e < HW; ++e) o[e] = relu_delta(x0[e], t[e]);
     return;
   }
-  // max pool commutes with ReLU: find each window's argmax of the perturbed ReLU input, then take
-  // the exact change there (relu_pool_delta).
-  (void)rm;
   const int64_t HWp = a.Hp * a.Wp;
   T* __restrict o = a.out + (b * a.K + k) * HWp;
   const T* __restrict pb = a.pool_base + (b * a.C + c) * HWp;
-  for (int64_t ip = 0; ip < a.Hp; ++ip) {
+  // The window's change from its base output m0 (relu of the base input's max, >= 0): with
+  // g = (x0 - m0) + d per element (x0 - m0 <= 0, exact where it matters) and G = max g over the
+  // window, relu(max(x0 + d)) - m0 = max(G, -m0). No pooled values are subtracted.
+  if (a.pk == a.ps && a.W <= 1024) {  // non-overlapping windows: g per element, then a plain max pool
+    T mrow[1024];  // m0 of each column's window, for the rows of one pooled row
+    for (int64_t ip = 0; ip < a.Hp; ++ip) {
+      for (int64_t j = 0; j < a.W; ++j) mrow[j] = pb[ip * a.Wp + j / a.ps];
+      for (int64_t i = ip * a.ps; i < imin(ip * a.ps + a.ps, a.H); ++i) {
+        T* __restrict ti = t + i * a.W;
+        const T* __restrict xi = x0 + i * a.W;
+        for (int64_t j = 0; j < a.W; ++j) ti[j] = (xi[j] - mrow[j]) + ti[j];
+      }
+    }
+    max_pool_plane(t, a.H, a.W, a.pk, a.ps, a.Hp, a.Wp, rm, o);
+    for (int64_t e = 0; e < HWp; ++e) o[e] = o[e] > -pb[e] || o[e] != o[e] ? o[e] : -pb[e];
+    return;
+  }
+  for (int64_t ip = 0; ip < a.Hp; ++ip) {  // overlapping windows: G per window
     const int64_t r0 = ip * a.ps, r1 = imin(r0 + a.pk, a.H);
     for (int64_t jp = 0; jp < a.Wp; ++jp) {
       const int64_t q0 = jp * a.ps, q1 = imin(q0 + a.pk, a.W);
-      T best = x0[r0 * a.W + q0] + t[r0 * a.W + q0], bx = x0[r0 * a.W + q0], bd = t[r0 * a.W + q0];
+      const T m0 = pb[ip * a.Wp + jp];
+      T g = -INFINITY;
       for (int64_t i = r0; i < r1; ++i)
         for (int64_t j = q0; j < q1; ++j) {
-          const int64_t e = i * a.W + j;
-          const T v = x0[e] + t[e];
-          if (v > best || (v != v && best == best)) {
-            best = v;
-            bx = x0[e];
-            bd = t[e];
-          }
+          const T v = (x0[i * a.W + j] - m0) + t[i * a.W + j];
+          g = (v > g || v != v) ? v : g;
         }
-      o[ip * a.Wp + jp] = relu_pool_delta(bx, bd, pb[ip * a.Wp + jp]);
+      o[ip * a.Wp + jp] = g > -m0 || g != g ? g : -m0;
     }
   }
 }
@@ -292,6 +302,73 @@ void taps_any(const T* const* p, const T* w, int64_t nt, int64_t n, T* __restric
       }
   }
 }
+
+// ... or the next conv of a one-channel delta, one (Ho, Wo) plane per item (k, co) = (item / Cout,
+// item % Cout): conv of delta[b, k] (input channel ch[k]) with weight[co, ch[k]], zero padding.
+// With unit strides the taps run over zero-padded copies of the B input planes of perturbation k
+// (kept per thread for its consecutive items (k, co) of one call) at the padded pitch: one long
+// vectorised loop per plane.
+template <typename T>
+struct Conv1chPlaneSrc {
+  const T *delta, *weight;
+  const int64_t* ch;
+  int64_t B, K, Cout, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+  uint64_t call;  // unique per launch: keys the per-thread padded copy
+  const T* plane(int64_t b, int64_t item, T* __restrict buf) const {
+    const int64_t k = item / Cout, co = item % Cout;
+    const T* __restrict in = delta + (b * K + k) * H * W;
+    const T* wt = weight + (co * Cin + ch[k]) * kh * kw;
+    if (sh == 1 && sw == 1 && kh * kw <= 64) {
+      struct Cache {
+        uint64_t call = 0;
+        int64_t k = -1;
+        std::vector<T> pad, run;
+      };
+      static thread_local Cache cache;
+      const int64_t Hq = H + 2 * ph, Wq = W + 2 * pw;
+      if (cache.call != call || cache.k != k) {  // the B padded planes of perturbation k
+        cache.pad.assign(B * Hq * Wq, T(0));
+        for (int64_t bb = 0; bb < B; ++bb) {
+          const T* __restrict src = delta + (bb * K + k) * H * W;
+          T* __restrict q = cache.pad.data() + bb * Hq * Wq + ph * Wq + pw;
+          for (int64_t r = 0; r < H; ++r)
+            for (int64_t j = 0; j < W; ++j) q[r * Wq + j] = src[r * W + j];
+        }
+        cache.run.resize(Ho * Wq);
+        cache.call = call, cache.k = k;
+      }
+      const T* p[64];
+      const T* padb = cache.pad.data() + b * Hq * Wq;
+      for (int64_t u = 0; u < kh; ++u)
+        for (int64_t v = 0; v < kw; ++v) p[u * kw + v] = padb + u * dh * Wq + v * dw;
+      // Outputs at the padded pitch: the last rows would read past the copy, so run (Ho - 1) * Wq + Wo.
+      taps_any(p, wt, kh * kw, (Ho - 1) * Wq + Wo, cache.run.data());
+      for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) buf[i * Wo + j] = cache.run[i * Wq + j];
+      return buf;
+    }
+    for (int64_t e = 0; e < Ho * Wo; ++e) buf[e] = T(0);
+    for (int64_t u = 0; u < kh; ++u)
+      for (int64_t v = 0; v < kw; ++v) {
+        const T wv = wt[u * kw + v];
+        const int64_t offh = u * dh - ph, offw = v * dw - pw;
+        int64_t jlo, jhi;
+        valid_range(W, Wo, sw, offw, &jlo, &jhi);
+        for (int64_t i = 0; i < Ho; ++i) {
+          const int64_t r = i * sh + offh;
+          if (r < 0 || r >= H) continue;
+          const T* __restrict row = in + r * W;
+          T* __restrict o = buf + i * Wo;
+          if (sw == 1) {
+            for (int64_t j = jlo; j < jhi; ++j) o[j] += wv * row[j + offw];
+          } else {
+            for (int64_t j = jlo; j < jhi; ++j) o[j] += wv * row[j * sw + offw];
+          }
+        }
+      }
+    return buf;
+  }
+};
 
 // base_out[b, co] + conv of delta[b, k] (one input channel) with weight[co, ch[k]] (kh x kw taps).
 // The B input planes of perturbation k are zero-padded and stacked once per thread and k (a thread's
@@ -535,6 +612,29 @@ at::Tensor conv_delta_chain(const at::Tensor& x, const at::Tensor& src_channel, 
     run_onech(a, src);
   });
   return out;
+}
+
+at::Tensor conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                               int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std,
+                               const at::Tensor& bn_weight, const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
+                               const at::Tensor& pool_base) {
+  const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
+  const int64_t Cout = weight.size(0), Cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
+  // Items (k, co): the one-channel chain over K * Cout planes, item k * Cout + co changing channel co.
+  const at::Tensor items = at::arange(Cout, channel.options()).repeat({K});
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "conv1ch_delta_chain_cpu", [&] {
+    auto a = onech_args<scalar_t>(B, K * Cout, Ho, Wo, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
+                                  pool_k, pool_s, pool_base, out, delta.options());
+    static std::atomic<uint64_t> calls{0};
+    Conv1chPlaneSrc<scalar_t> src{delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                  channel.data_ptr<int64_t>(), B, K, Cout, Cin, H, W, kh, kw, stride_h,
+                                  stride_w, pad_h, pad_w, dil_h, dil_w, Ho, Wo, ++calls};
+    run_onech(a, src);
+  });
+  return out.view({B, K, Cout, out.size(2), out.size(3)});
 }
 
 at::Tensor bn_act_dense(const at::Tensor& values, int64_t bn_mode, const at::Tensor& bn_weight,

@@ -92,6 +92,30 @@ struct GatherSrcD {
   }
 };
 
+// The next conv of a one-channel delta, element r of plane (b, item), item = k * Cout + co.
+template <typename T>
+struct Conv1chSrcD {
+  const T *delta, *weight;
+  const int64_t* ch;
+  int64_t K, Cout, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo;
+  __device__ bool valid(int64_t item) const { return ch[item / Cout] >= 0 && ch[item / Cout] < Cin; }
+  __device__ T operator()(int64_t b, int64_t item, int64_t r) const {
+    const int64_t k = item / Cout, co = item % Cout, i = r / Wo, j = r % Wo;
+    const T* in = delta + (b * K + k) * H * W;
+    const T* wt = weight + (co * Cin + ch[k]) * kh * kw;
+    T s = T(0);
+    for (int64_t u = 0; u < kh; ++u) {
+      const int64_t y = i * sh + u * dh - ph;
+      if (y < 0 || y >= H) continue;
+      for (int64_t v = 0; v < kw; ++v) {
+        const int64_t x = j * sw + v * dw - pw;
+        if (x >= 0 && x < W) s += wt[u * kw + v] * in[y * W + x];
+      }
+    }
+    return s;
+  }
+};
+
 template <typename T, typename Src>
 __global__ void __launch_bounds__(kThreads) onech_kernel(OneChArgs<T> a, Src src) {
   __shared__ double sh[3 * 32];
@@ -394,6 +418,31 @@ at::Tensor channel_chain_cuda(const at::Tensor& values, const at::Tensor& channe
     DZ_LAUNCH_BLOCK(kernel, unsigned(K), cuda::kThreads, 0, a, src);
   });
   return out;
+}
+
+at::Tensor conv1ch_delta_chain_cuda(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+                                    int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                                    int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat,
+                                    const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
+                                    const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
+                                    const at::Tensor& pool_base) {
+  DZ_DEVICE_GUARD(delta);
+  const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
+  const int64_t Cout = weight.size(0), Cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
+  const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
+  const at::Tensor items = at::arange(Cout, channel.options()).repeat({K});
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "conv1ch_delta_chain_cuda", [&] {
+    auto a = onech_args<scalar_t>(B, K * Cout, Ho, Wo, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
+                                  pool_k, pool_s, pool_base, out, delta.options());
+    if (K == 0) return;
+    cuda::Conv1chSrcD<scalar_t> src{delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                    channel.data_ptr<int64_t>(), K, Cout, Cin, H, W, kh, kw, stride_h, stride_w,
+                                    pad_h, pad_w, dil_h, dil_w, Wo};
+    auto kernel = cuda::onech_kernel<scalar_t, decltype(src)>;
+    DZ_LAUNCH_BLOCK(kernel, unsigned(K * Cout), cuda::kThreads, 0, a, src);
+  });
+  return out.view({B, K, Cout, out.size(2), out.size(3)});
 }
 
 at::Tensor conv_delta_chain_cuda(const at::Tensor& x, const at::Tensor& src_channel, const at::Tensor& off_h,

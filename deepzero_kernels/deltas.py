@@ -30,7 +30,7 @@ import torch
 
 from .formulas import relu_delta
 
-__all__ = ["ChannelDelta", "ChannelPreReLU", "DenseDelta", "DenseValue", "densify", "expand_base", "flat",
+__all__ = ["ChannelDelta", "ChannelPreReLU", "DenseDelta", "DenseValue", "broadcast_values", "densify", "expand_base", "flat",
            "gather_channels", "kdim", "to_values", "true_layout", "unflat"]
 
 
@@ -96,6 +96,15 @@ def densify(rep, base: torch.Tensor) -> torch.Tensor:
     full = rep.values.new_zeros((b, k) + tuple(rep.view))
     full[:, torch.arange(k, device=full.device), rep.index] = rep.values
     return full.reshape((b, k) + tuple(base.shape[1:]))
+
+
+def broadcast_values(values: torch.Tensor, base: torch.Tensor, shape) -> torch.Tensor:
+    """``(.., K, ..)`` values (or deltas) of a node with base ``base`` broadcast as ``base`` broadcasts
+    to ``shape`` (torch's rules: new leading dims, size-1 dims expanded), sample-major for ``shape``."""
+    km = values.movedim(kdim(base), 0)  # (K, *base.shape)
+    km = km.reshape((km.shape[0],) + (1,) * (len(shape) - base.dim()) + tuple(base.shape))
+    km = km.expand((km.shape[0],) + tuple(shape))
+    return km.movedim(0, 1 if len(shape) >= 1 else 0).contiguous()
 
 
 def gather_channels(t: torch.Tensor, rep: ChannelDelta) -> torch.Tensor:

@@ -14,6 +14,8 @@ Patterns (``[]`` optional; every inner node has a single user):
 * conv weight source: ``conv -> [BatchNorm2d] -> [+ unchanged]* -> [ReLU -> [MaxPool2d]]``
   (:func:`~deepzero_kernels.kernels.reference.conv_delta_chain`);
 * a one-channel delta entering ``BatchNorm2d`` or ``ReLU`` with the same tail (``channel_chain``);
+* a one-channel delta entering a ``groups=1`` conv and the same chain after it (``conv1ch_delta_chain``:
+  the conv's dense delta is computed plane by plane and never stored);
 * a dense delta ``(B, K, C, H, W)`` entering ``BatchNorm2d`` or ``ReLU``: ``BatchNorm2d -> [+ unchanged]
   -> [ReLU]`` as ``channel_chain`` over K*C one-channel deltas (each (k, c) keeps its own statistics);
   the engine carries deltas, never perturbed values, so ``conv1ch_chain`` and ``bn_act_dense`` (which
@@ -35,7 +37,7 @@ from torch.fx import Node
 from .deltas import ChannelDelta, DenseDelta
 from .formulas import bn_running_scale, conv_padding, conv_weight_coords, pool_out
 from .functional import has_hooks
-from .kernels import NO_BN, NO_POOL, BnArgs, PoolArgs
+from .kernels import NO_BN, NO_POOL, BnArgs, ConvArgs, PoolArgs
 from .rules import uses_batch_stats
 
 __all__ = ["Fused", "LossDelta", "fused_source", "fused_node"]
@@ -238,6 +240,10 @@ def fused_node(ctx, node: Node):
             vals = kern.channel_chain(rep.values.contiguous(), rep.index, bn=_bn_channel(ctx, ch.bn, xb),
                                       **_channel_tail(ctx, ch))
             return _place(node, ch, _channel_rep(ctx, ch, node, rep.index, vals))
+        if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros" \
+                and not isinstance(mod.padding, str) and len(node.args) == 1 and not node.kwargs \
+                and ctx.engine.delta_precision == "fp32":
+            return _conv1ch(ctx, node, mod, rep)
     if type(rep) is DenseDelta and xb.dim() == 4 and (_bn2d(ctx, node) is not None or _is_relu(ctx, node)):
         return _dense_chain(ctx, node, rep, xb)
     if isinstance(mod, nn.Linear) and xb.dim() == 2 and len(node.args) == 1 and _logits_ce(ctx, node):
@@ -253,16 +259,47 @@ def fused_node(ctx, node: Node):
 
 
 def _dense_chain(ctx, node: Node, rep: DenseDelta, xb: torch.Tensor):
-    """A dense delta ``(B, K, C, H, W)`` through BatchNorm -> ReLU (-> global average): the one-channel
-    chain kernel over K*C "perturbations", ``(k, c)`` changing channel c. Each keeps its own
-    statistics and the exact delta arithmetic of ``channel_chain``; a max pool is left to its rule."""
+    """A dense delta ``(B, K, C, H, W)`` through BatchNorm -> [+ unchanged] -> ReLU -> [max pool]: the
+    one-channel chain kernel over K*C "perturbations", ``(k, c)`` changing channel c. Each keeps its own
+    statistics and the exact delta arithmetic of ``channel_chain`` (max pool included)."""
     ch = _match(ctx, node, at_head=True)
-    if ch.pool is not None:
-        ch.nodes.remove(ch.pool)
-        ch.pool = None
     b, k, c = rep.values.shape[:3]
     index = torch.arange(c, device=xb.device).repeat(k)
     flat = ChannelDelta(index, rep.values.reshape((b, k * c) + tuple(xb.shape[2:])), tuple(xb.shape[1:]))
     vals = ctx.kernels.channel_chain(flat.values.contiguous(), index, bn=_bn_channel(ctx, ch.bn, xb),
                                      **_channel_tail(ctx, ch))
-    return _place(node, ch, DenseDelta(vals.reshape((b, k, c) + tuple(vals.shape[2:]))))
+    return _with_global_avg(ctx, node, ch, vals.reshape((b, k, c) + tuple(vals.shape[2:])))
+
+
+def _with_global_avg(ctx, head: Node, ch: _Chain, vals: torch.Tensor) -> dict:
+    """Place a dense chain's delta ``vals`` ``(B, K, C, H, W)``; when the chain's last node feeds a
+    global average pool alone, take that (linear) mean here too, so the spatial delta is never
+    stored (the chunk sizing sees only the pooled one)."""
+    last = ch.nodes[-1] if ch.nodes else head
+    user = _sole_user(last)
+    if user is not None and not _ends_chain(ctx, user) and user.args and user.args[0] is last \
+            and tuple(ctx.base(user).shape[-2:]) == (1, 1) and (
+                (user.op == "call_module" and type(ctx.module(user)) is nn.AdaptiveAvgPool2d)
+                or (user.op == "call_function" and user.target is F.adaptive_avg_pool2d)):
+        ch.nodes.append(user)
+        vals = vals.mean((-2, -1), keepdim=True)
+    return _place(head, ch, DenseDelta(vals))
+
+
+def _conv1ch(ctx, node: Node, conv: nn.Conv2d, rep: ChannelDelta) -> dict:
+    """The next conv of a one-channel delta (1/C_in of the layer) and the BatchNorm -> [+ unchanged]
+    -> ReLU -> [max pool] chain after it, as deltas, in one launch (``conv1ch_delta_chain``: the
+    dense delta after the conv never reaches memory). Without a chain, ``conv1ch_chain`` with a
+    zero base output and nothing after it is exactly the conv of the delta."""
+    base_out = ctx.base(node)
+    w = conv.weight.detach().contiguous()
+    geometry = ConvArgs(conv.stride, conv.padding if isinstance(conv.padding, tuple) else (conv.padding,) * 2,
+                        conv.dilation)
+    ch = _match(ctx, node, at_head=False)
+    if ch.bn is None and ch.relu is None:
+        out = ctx.kernels.conv1ch_chain(rep.values.contiguous(), rep.index, w, torch.zeros_like(base_out),
+                                        conv=geometry)
+        return {node: DenseDelta(out)}
+    vals = ctx.kernels.conv1ch_delta_chain(rep.values.contiguous(), rep.index, w, conv=geometry,
+                                           bn=_bn_channel(ctx, ch.bn, base_out), **_channel_tail(ctx, ch))
+    return _with_global_avg(ctx, node, ch, vals)

@@ -375,6 +375,34 @@ def test_conv1ch_chain(use, target, case, dtype):
     conforms(use(target), target, "conv1ch_chain", conv, naive, dtype)
 
 
+def conv1ch_delta_case(case: DenseCase):
+    """conv1ch_delta_chain's keyword arguments and the naive change of the block's output (no global
+    average: the engine takes that mean of the delta itself) when input channel ch[k] changes by delta."""
+    g = gen(case)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, wt = r(case.b, case.c_in, case.h, case.w), r(case.c_out, case.c_in, case.kh, case.kw)
+    geo = (case.stride, case.pad, case.dil)
+    z = F.conv2d(x, wt, None, *geo)
+    bn_w, bn_b = torch.rand(case.c_out, generator=g, dtype=torch.float64) + 0.5, r(case.c_out)
+    residual = r(*z.shape) if case.residual else None
+    delta, channel = r(case.b, case.k, case.h, case.w) * 0.1, torch.randint(0, case.c_in, (case.k,), generator=g)
+    tail = (case.bn, bn_w, bn_b, residual, case.relu, case.pool)
+    args = dict(delta=delta, channel=channel, weight=wt, conv=ConvArgs(*geo), **channel_tail_args(z, *tail))
+    base = tail_forward(z, *tail)
+    naive = []
+    for k in range(case.k):
+        xk = x.clone()
+        xk[:, channel[k]] += delta[:, k]
+        naive.append(tail_forward(F.conv2d(xk, wt, None, *geo), *tail) - base)
+    return args, torch.stack(naive, 1), bn_gain(case.bn, args["bn"].inv_std, bn_w)
+
+
+@pytest.mark.parametrize("target,case,dtype", matrix([c for c in DENSE_CASES if c.bn != N0 or c.relu], "c"))
+def test_conv1ch_delta_chain(use, target, case, dtype):
+    args, naive, floor = conv1ch_delta_case(case)
+    conforms(use(target), target, "conv1ch_delta_chain", args, naive, dtype, floor)
+
+
 @pytest.mark.parametrize("target,case,dtype", matrix(DENSE_CASES, "d"))
 def test_bn_act_dense(use, target, case, dtype):
     _, dense, naive = dense_case(case)
@@ -516,9 +544,10 @@ def test_cge_with_fused_chains_matches_naive_loop(backend, model_name, mode):
     est = cge.estimate(x, y)
     assert not cge.engine.fallback_counts
     assert rel_err(est, naive_cge(model, x, y, 1e-4)) < 1e-8
-    # The engine carries deltas (issue 14): dense deltas run through channel_chain over K*C channels;
-    # conv1ch_chain and bn_act_dense (perturbed values) stay public ops, not used by the engine.
-    used = {"conv_delta_chain", "linear_weight_ce", "linear_dense_ce", "channel_chain"}
+    # The engine carries deltas (issue 14): conv1ch_delta_chain after a one-channel delta, channel_chain
+    # over K*C channels for dense deltas; bn_act_dense (perturbed values) is a public op the engine
+    # does not use.
+    used = {"conv_delta_chain", "conv1ch_delta_chain", "linear_weight_ce", "linear_dense_ce", "channel_chain"}
     if model_name == "cnn":
         used |= {"linear_rank1_ce"}
     assert used <= set(calls), f"kernels never launched: {used - set(calls)}"
@@ -639,6 +668,7 @@ def _op_cases():
     for name, (args, _) in {"conv_delta_chain": conv_case(CONV_CASES[0])[:2],
                             "channel_chain": channel_case(CHANNEL_CASES[0])[:2],
                             "conv1ch_chain": dense_case(DENSE_CASES[0])[::2],
+                            "conv1ch_delta_chain": conv1ch_delta_case(DENSE_CASES[1])[:2],
                             "bn_act_dense": dense_case(DENSE_CASES[1])[1:]}.items():
         a = dev_args(args, Target("native"), torch.float32)
         out.append((name, getattr(validate, name)(**a)))

@@ -243,3 +243,21 @@ def test_new_models_exact_in_float64(name, train):
     ref = naive_cge(model, x, y, 1e-3, masks=masks)
     est = CGE(model, mu=1e-3, backend="torch").estimate(x, y, masks=masks)
     assert _relnorm(est, ref, masks) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["sdpa_attention", "layernorm_module", "layernorm_functional", "window_attention"])
+def test_attention_and_layer_norm_carry_deltas_in_float32(name):
+    # Softmax, matmul, scaled_dot_product_attention, LayerNorm (own parameters too), permute,
+    # roll, broadcasting adds and gathers all have delta rules: no node falls back to values, and
+    # float32 keeps float64's digits where the plain float32 loop does not.
+    import test_zoo
+    model, x, y, _ = test_zoo.ZOO[name]()
+    model, x = model.float(), x.float()
+    cge = CGE(model, mu=5e-3, backend="torch")
+    est = cge.estimate(x, y)
+    ref = naive_cge(copy.deepcopy(model).double(), x.double(), y, 5e-3)
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    assert not cge.engine.fallback_counts, dict(cge.engine.fallback_counts)
+    err = _relnorm(est, ref, masks)
+    assert err <= 1e-5
+    assert _relnorm(naive_cge(model, x, y, 5e-3), ref, masks) > 3 * err

@@ -57,6 +57,13 @@ def test_zo_smoke(tmp_path, estimator, method):
         assert abs(m.float().mean().item() - dens["layers"][name]) < 0.02
 
 
+@needs_engine
+def test_delta_precision_flag_reaches_the_estimator(tmp_path):
+    cfg, _ = train.parse_args(TINY + ["--estimator", "cge", "--delta-precision", "bf16", "--out", str(tmp_path / "r")])
+    est, _ = train.build_estimator(cfg, train.build_model("cnn", in_channels=1, width=4))
+    assert est.engine.delta_precision == "bf16"
+
+
 def _final_weights(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
 

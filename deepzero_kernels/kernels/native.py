@@ -15,7 +15,7 @@ from ..formulas import conv_out_size, pool_out
 
 __all__ = ["KERNELS", "ops", "missing", "register_fakes"]
 
-KERNELS = ("conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
+KERNELS = ("conv_delta_chain", "channel_chain", "conv1ch_delta_chain", "conv1ch_chain", "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce")
 
 
@@ -63,6 +63,14 @@ def _fake_conv1ch_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w
     c, _, kh, kw = weight.shape
     ho, wo = conv_out_size(h, kh, stride_h, pad_h, dil_h), conv_out_size(w, kw, stride_w, pad_w, dil_w)
     return delta.new_empty(_dense_shape(b, k, c, ho, wo, pool_k, pool_s, global_avg))
+
+
+def _fake_conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, bn_mode, bn_xhat,
+                              bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base):
+    b, k, h, w = delta.shape
+    c, _, kh, kw = weight.shape
+    ho, wo = conv_out_size(h, kh, stride_h, pad_h, dil_h), conv_out_size(w, kw, stride_w, pad_w, dil_w)
+    return delta.new_empty((b, k) + _onech_shape(b, c, ho, wo, pool_k, pool_base)[1:])
 
 
 def _fake_ce(k, logits):

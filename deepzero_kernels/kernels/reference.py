@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..formulas import batch_norm_delta, cross_entropy_delta, pool_out
 from .spec import BnMode
 
-__all__ = ["conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
+__all__ = ["conv_delta_chain", "channel_chain", "conv1ch_delta_chain", "conv1ch_chain", "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
 
 
@@ -114,6 +114,30 @@ def conv_delta_chain(x, src_channel, off_h, off_w, out_channel, mu, stride_h, st
     vals = torch.where(ok[None], vals * mu, torch.zeros((), dtype=x.dtype, device=x.device))
     return channel_chain(vals, out_channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
                          pool_k, pool_s, pool_base)
+
+
+def conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, bn_mode, bn_xhat,
+                        bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base):
+    """The next conv of one-channel deltas and the chain after it, on deltas throughout.
+
+    Args:
+        delta: ``(B, K, H, W)`` change of input channel ``channel[k]`` of the conv.
+        weight: ``(C_out, C_in, kh, kw)``; stride/pad/dilation as ``F.conv2d`` (symmetric zero
+            padding ``pad_h``, ``pad_w``).
+        the rest: the chain of :func:`channel_chain` on the conv's ``C_out`` output channels
+            (``bn_xhat``, ``relu_base``, ``pool_base`` have ``C_out`` channels).
+    Returns:
+        ``(B, K, C_out, H', W')``: the change of the chain's output. Item ``(k, c)`` is the delta
+        ``conv(delta[:, k], weight[c, channel[k]])`` of channel c, carried through
+        :func:`channel_chain` as a one-channel delta of channel c.
+    """
+    b, k = delta.shape[:2]
+    c_out = weight.shape[0]
+    wk = weight.index_select(1, channel).transpose(0, 1).reshape(k * c_out, 1, *weight.shape[2:])
+    dz = F.conv2d(delta, wk, None, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w), k)  # (B, K*C_out, ...)
+    items = torch.arange(c_out, device=delta.device).repeat(k)
+    out = channel_chain(dz, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base)
+    return out.reshape(b, k, c_out, *out.shape[2:])
 
 
 def bn_act_dense(values, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s, global_avg):

@@ -23,13 +23,14 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..formulas import pool_out
 from .spec import BnMode
 
-__all__ = ["conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
+__all__ = ["conv_delta_chain", "channel_chain", "conv1ch_delta_chain", "conv1ch_chain", "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -402,6 +403,19 @@ def conv1ch_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_
     return _dense(delta, b, delta.shape[1], c, h, w, delta.new_empty(0), delta, channel, weight,
                   (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w), base_out, bn_mode, bn_weight, bn_bias, eps,
                   residual, relu, pool_k, pool_s, global_avg)
+
+
+def conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, bn_mode, bn_xhat,
+                        bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base):
+    # Two launches: the vendor grouped convolution of the one-channel deltas (cuDNN, in the
+    # precision the engine set), then channel_chain over the K * C_out (k, c) planes.
+    b, k = delta.shape[:2]
+    c_out = weight.shape[0]
+    wk = weight.index_select(1, channel).transpose(0, 1).reshape(k * c_out, 1, *weight.shape[2:]).contiguous()
+    dz = F.conv2d(delta, wk, None, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w), k).contiguous()
+    items = torch.arange(c_out, device=delta.device).repeat(k)
+    out = channel_chain(dz, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base)
+    return out.reshape(b, k, c_out, *out.shape[2:])
 
 
 # ----------------------------------------------------------------------------- cross-entropy

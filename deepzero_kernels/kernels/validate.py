@@ -16,7 +16,8 @@ import torch
 from ..formulas import conv_out_size, pool_out
 from .spec import NO_BN, NO_POOL, BnArgs, BnMode, ConvArgs, PoolArgs
 
-__all__ = ["Kernels", "Checker", "conv_delta_chain", "channel_chain", "conv1ch_chain", "bn_act_dense",
+__all__ = ["Kernels", "Checker", "conv_delta_chain", "channel_chain", "conv1ch_delta_chain", "conv1ch_chain",
+           "bn_act_dense",
            "linear_weight_ce", "linear_rank1_ce", "linear_dense_ce"]
 
 
@@ -174,6 +175,33 @@ def conv_delta_chain(x, src_channel, off_h, off_w, out_channel, mu, *, stride, o
     return (x, src_channel, off_h, off_w, out_channel, mu, sh, sw, h_out, w_out) + tail
 
 
+def conv1ch_delta_chain(delta, channel, weight, *, conv: ConvArgs = ConvArgs(), bn: BnArgs = NO_BN, relu_base=None,
+                        pool: PoolArgs = NO_POOL, pool_base=None):
+    """One-channel deltas ``delta`` ``(B, K, H, W)`` of input channels ``channel`` through the next
+    conv (``weight``, geometry ``conv``) and the chain of :func:`channel_chain` on its output
+    channels, as deltas. See ``reference.conv1ch_delta_chain``."""
+    ck = Checker("conv1ch_delta_chain", "delta", delta)
+    ck.tensor("delta", delta, (None, None, None, None))
+    b, k, h, w = delta.shape
+    ck.tensor("weight", weight, (None, None, None, None))
+    c_out, c_in, kh, kw = weight.shape
+    ck.index("channel", channel, k, c_in)
+    if not isinstance(conv, ConvArgs):
+        ck.fail(f"conv must be a ConvArgs, got {type(conv).__name__}", TypeError)
+    (sh, sw), (ph, pw), (dh, dw) = (ck.pair("conv.stride", conv.stride, 1), ck.pair("conv.padding", conv.padding),
+                                    ck.pair("conv.dilation", conv.dilation, 1))
+    ho, wo = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
+    if ho < 1 or wo < 1:
+        ck.fail(f"the convolution has an empty output for input {(h, w)} and kernel {(kh, kw)}")
+    c = _channels(ck, b, ho, wo, bn, relu_base)
+    if c is None:
+        ck.fail("nothing to do after the conv: give a BatchNorm (bn) or a ReLU (relu_base)")
+    if c != c_out:
+        ck.fail(f"the chain after the conv has {c} channels, the conv has {c_out} outputs")
+    return (delta, channel, weight, sh, sw, ph, pw, dh, dw) + _channel_tail(ck, b, c, ho, wo, bn, relu_base, pool,
+                                                                            pool_base)
+
+
 # ----------------------------------------------------------------------------- dense chains
 def _dense_tail(ck: Checker, b, c, h, w, bn: BnArgs, residual, relu, pool: PoolArgs, global_avg):
     """(bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s, global_avg) of a dense
@@ -287,6 +315,7 @@ class Kernels:
 
     conv_delta_chain = _entry("conv_delta_chain")
     channel_chain = _entry("channel_chain")
+    conv1ch_delta_chain = _entry("conv1ch_delta_chain")
     conv1ch_chain = _entry("conv1ch_chain")
     bn_act_dense = _entry("bn_act_dense")
     linear_weight_ce = _entry("linear_weight_ce")

@@ -6,7 +6,8 @@ import operator
 import torch
 from torch.fx import Node
 
-from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, expand_base, gather_channels, to_values, true_layout
+from ..deltas import (ChannelDelta, DenseDelta, DenseValue, broadcast_values, densify, expand_base, gather_channels,
+                      to_values, true_layout)
 from .registry import rule
 
 
@@ -18,12 +19,17 @@ def _binary(ctx, node, sign: float):
     a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
     ra, rb = ctx.rep(a), ctx.rep(b)
     yb = ctx.base(node)
-    for n, r in ((a, ra), (b, rb)):
-        if r is not None and tuple(ctx.base(n).shape) != tuple(yb.shape):
-            return NotImplemented  # broadcasting expands the delta: let the fallback do it
+    base_a, base_b = ctx.base(a), ctx.base(b)
+    if not isinstance(yb, torch.Tensor) or yb.dim() == 0:
+        return NotImplemented
+    # A changed operand that broadcasts (a bias, a position embedding) carries its delta broadcast.
+    if ra is not None and tuple(base_a.shape) != tuple(yb.shape):
+        ra, base_a = _broadcast(ra, base_a, yb), base_a.expand(yb.shape)
+    if rb is not None and tuple(base_b.shape) != tuple(yb.shape):
+        rb, base_b = _broadcast(rb, base_b, yb), base_b.expand(yb.shape)
     if isinstance(ra, DenseValue) or isinstance(rb, DenseValue):
-        va = to_values(ra, ctx.base(a)) if ra is not None else _operand(ctx.base(a))
-        vb = to_values(rb, ctx.base(b)) if rb is not None else _operand(ctx.base(b))
+        va = to_values(ra, base_a) if ra is not None else _operand(base_a)
+        vb = to_values(rb, base_b) if rb is not None else _operand(base_b)
         return DenseValue(va + vb if sign > 0 else va - vb)
     if rb is not None and sign < 0:
         rb = _negate(rb)
@@ -32,7 +38,14 @@ def _binary(ctx, node, sign: float):
     if (isinstance(ra, ChannelDelta) and isinstance(rb, ChannelDelta) and ra.view == rb.view
             and (ra.index is rb.index or torch.equal(ra.index, rb.index))):
         return ChannelDelta(ra.index, ra.values + rb.values, ra.view)
-    return DenseDelta(densify(ra, ctx.base(a)) + densify(rb, ctx.base(b)))
+    return DenseDelta(densify(ra, base_a) + densify(rb, base_b))
+
+
+def _broadcast(rep, base, yb):
+    """The delta (or values) of an operand broadcast to the output's shape."""
+    if isinstance(rep, DenseValue):
+        return DenseValue(broadcast_values(rep.values, base, yb.shape))
+    return DenseDelta(broadcast_values(densify(rep, base), base, yb.shape))
 
 
 @rule(operator.add, operator.iadd, torch.add, "add", "add_")

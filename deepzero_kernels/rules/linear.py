@@ -21,6 +21,10 @@ def _conv(ctx, node, weight, bias, stride, padding, dilation, groups, padding_mo
         return NotImplemented
     stride, dilation = pair(stride, "stride"), pair(dilation, "dilation")
     pad = conv_padding(padding, weight.shape[2:], dilation)
+    # Symmetric zero padding goes to the convolution itself (no padded copy of the delta).
+    conv_pad = (pad[2], pad[0]) if padding_mode == "zeros" and pad[0] == pad[1] and pad[2] == pad[3] else 0
+    if conv_pad:
+        pad = (0, 0, 0, 0)
     mode = "constant" if padding_mode == "zeros" else padding_mode
     b, k = rep.values.shape[:2]
     prec = ctx.engine.delta_precision
@@ -31,7 +35,7 @@ def _conv(ctx, node, weight, bias, stride, padding, dilation, groups, padding_mo
         d = F.pad(rep.values, pad, mode=mode) if any(pad) else rep.values
         if c_in_g == 1 and c_out == groups:
             # Depthwise: input channel c feeds output channel c alone; the delta stays one channel.
-            out = delta_map(prec, F.conv2d, d, weight[rep.index], None, stride, 0, dilation, k)
+            out = delta_map(prec, F.conv2d, d, weight[rep.index], None, stride, conv_pad, dilation, k)
             return ChannelDelta(rep.index, out, (c_out,) + tuple(out.shape[2:]))
         # One input channel per perturbation: a conv with K groups of one input channel
         # over the (B, K, H, W) delta, 1/C_in of the layer's cost.
@@ -41,15 +45,16 @@ def _conv(ctx, node, weight, bias, stride, padding, dilation, groups, padding_mo
             g_of_out = torch.arange(c_out, device=w.device) // (c_out // groups)
             keep = (g_of_out[None, :] == (rep.index // c_in_g)[:, None]).to(w.dtype)
             w = w * keep[:, :, None, None]
-        out = delta_map(prec, F.conv2d, d, w.reshape(k * c_out, 1, *weight.shape[2:]), None, stride, 0, dilation, k)
+        w = w.reshape(k * c_out, 1, *weight.shape[2:])
+        out = delta_map(prec, F.conv2d, d, w, None, stride, conv_pad, dilation, k)
         return DenseDelta(out.reshape((b, k, c_out) + tuple(out.shape[2:])))
     # Dense input: one convolution over the B*K samples, on values or on the delta.
     d = flat(rep.values)
     if any(pad):
         d = F.pad(d, pad, mode=mode)
     if isinstance(rep, DenseValue):
-        return DenseValue(unflat(F.conv2d(d, weight, bias, stride, 0, dilation, groups), b, k))
-    return DenseDelta(unflat(delta_map(prec, F.conv2d, d, weight, None, stride, 0, dilation, groups), b, k))
+        return DenseValue(unflat(F.conv2d(d, weight, bias, stride, conv_pad, dilation, groups), b, k))
+    return DenseDelta(unflat(delta_map(prec, F.conv2d, d, weight, None, stride, conv_pad, dilation, groups), b, k))
 
 
 @rule(nn.Conv2d, mixes_channels=True)

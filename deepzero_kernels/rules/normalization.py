@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, flat, gather_channels, true_layout, unflat
+from ..deltas import (ChannelDelta, DenseDelta, DenseValue, broadcast_values, densify, expand_base, flat,
+                      gather_channels, true_layout, unflat)
 from ..formulas import batch_norm_delta, bn_running_scale
 from .registry import first_input, only_first_changed, rule, source_rule
 
@@ -85,30 +86,47 @@ def batch_norm_source(ctx, node, path, param, idx, mu):
 
 @rule(nn.LayerNorm, F.layer_norm)
 def layer_norm(ctx, node):
-    """The statistics of each position (over the normalized trailing dims) change with the delta:
-    the BatchNorm algebra per position, from moments of the delta."""
-    if not only_first_changed(ctx, node):
-        return NotImplemented
+    """``x_norm(x) * w + b`` with per-position statistics over the normalized trailing dims: the
+    change of ``x_norm`` by the BatchNorm algebra per position (moments of the delta), plus the
+    product rule for a changed weight and the delta of a changed bias (``F.layer_norm`` with
+    parameters passed in, e.g. tied or shared)."""
     x = first_input(node)
     rep, xb = ctx.rep(x), ctx.base(x)
     if node.op == "call_module":
         m = ctx.module(node)
-        shape, weight, eps = tuple(m.normalized_shape), m.weight, m.eps
+        shape, w, b, eps = tuple(m.normalized_shape), m.weight, m.bias, m.eps
+        if not only_first_changed(ctx, node):
+            return NotImplemented
     else:
         args = dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args))
         args.update(node.kwargs)
-        shape, weight, eps = tuple(ctx.value(args["normalized_shape"])), ctx.value(args.get("weight")), \
-            ctx.value(args.get("eps", 1e-5))
+        shape, eps = tuple(ctx.value(args["normalized_shape"])), ctx.value(args.get("eps", 1e-5))
+        w, b = args.get("weight"), args.get("bias")
     nd = len(shape)
-    if isinstance(rep, DenseValue) or xb.dim() <= nd:
-        return NotImplemented  # values: the exact fallback; no batch dim outside the normalized dims
+    if xb.dim() <= nd:
+        return NotImplemented  # no batch dim outside the normalized dims
+    rw, rb = ctx.rep(w), ctx.rep(b)
+    wb, bb = ctx.value(w), ctx.value(b)
+    if isinstance(rep, DenseValue) and rw is None and rb is None:
+        return DenseValue(F.layer_norm(rep.values, shape, wb, bb, eps))  # values: normalize them
+    if any(isinstance(r, DenseValue) for r in (rep, rw, rb)):
+        return NotImplemented
     dims = tuple(range(xb.dim() - nd, xb.dim()))
     mean = xb.mean(dims, keepdim=True)
     x_hat = xb - mean
     inv_std = torch.rsqrt(x_hat.square().mean(dims, keepdim=True) + eps)
-    d = densify(rep, xb)
-    return DenseDelta(batch_norm_delta(x_hat.unsqueeze(1), inv_std.unsqueeze(1), weight, d,
-                                       tuple(i + 1 for i in dims)))
+    lead = (1,) * (xb.dim() - nd)  # a parameter's delta, sample-major against (B, K, *lead[1:], *shape)
+    dw = broadcast_values(densify(rw, wb), wb, lead + shape) if rw is not None else None
+    out = 0
+    if rep is not None:
+        d_norm = batch_norm_delta(x_hat.unsqueeze(1), inv_std.unsqueeze(1), None, densify(rep, xb),
+                                  tuple(i + 1 for i in dims))
+        out = d_norm * (wb if dw is None else wb + dw) if wb is not None else d_norm
+    if dw is not None:
+        out = out + expand_base(x_hat * inv_std) * dw
+    if rb is not None:
+        out = out + broadcast_values(densify(rb, bb), bb, lead + shape)
+    return DenseDelta(out.expand((xb.shape[0], ctx.k) + tuple(xb.shape[1:])).contiguous())
 
 
 @source_rule(nn.LayerNorm)

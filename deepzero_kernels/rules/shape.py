@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..deltas import (ChannelDelta, DenseDelta, DenseValue, densify, expand_base, flat, kdim, to_values, true_layout,
-                      unflat)
+from ..deltas import (ChannelDelta, DenseDelta, DenseValue, broadcast_values, densify, expand_base, flat, kdim, to_values,
+                      true_layout, unflat)
 from .registry import first_input, only_first_changed, rule
 
 
@@ -51,9 +51,19 @@ def getitem(ctx, node):
         return NotImplemented
     idx = ctx.value(idx)  # bounds computed from shapes are plain ints in the base pass
     idx = idx if isinstance(idx, tuple) else (idx,)
-    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in idx):
-        return NotImplemented  # advanced (tensor) indexing: dense fallback
+    advanced = any(isinstance(i, torch.Tensor) for i in idx)
+    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice, torch.Tensor)) for i in idx):
+        return NotImplemented
     full = slice(None)
+    if advanced:
+        # A gather: linear, applied to each perturbation's tensor. Where the advanced indices
+        # would move the K dim (not adjacent), the shapes disagree: the exact fallback runs.
+        if isinstance(rep, ChannelDelta):
+            rep = DenseDelta(densify(rep, xb))
+        out = rep.values.movedim(kdim(xb), 0)[(full,) + idx]
+        if yb.dim() == 0 or tuple(out.shape[1:]) != tuple(yb.shape):
+            return NotImplemented
+        return type(rep)(out.movedim(0, kdim(yb)))
     if isinstance(rep, ChannelDelta):
         if (true_layout(rep, xb) and len(idx) >= 2 and idx[0] == full and idx[1] == full
                 and all(isinstance(i, (int, slice)) for i in idx[2:])):
@@ -214,3 +224,17 @@ def move_dims(ctx, node):
     if tuple(out.shape[1:]) != tuple(yb.shape):
         return NotImplemented
     return type(rep)(out.movedim(0, 1))
+
+
+@rule("expand", "expand_as", torch.broadcast_to, "broadcast_to")
+def expand(ctx, node):
+    """expand / broadcast_to: the delta broadcast as the base is (linear)."""
+    if not only_first_changed(ctx, node):
+        return NotImplemented
+    x = first_input(node)
+    rep, xb, yb = ctx.rep(x), ctx.base(x), ctx.base(node)
+    if yb.dim() == 0:
+        return NotImplemented
+    if isinstance(rep, DenseValue):
+        return DenseValue(broadcast_values(rep.values, xb, yb.shape))
+    return DenseDelta(broadcast_values(densify(rep, xb), xb, yb.shape))
