@@ -181,6 +181,12 @@ class _Pass:
             self._bn[node] = (xb - mean.reshape(shape), torch.rsqrt(var + self.module(node).eps))
         return self._bn[node]
 
+    def base_cached(self, key, make):
+        """A tensor derived from base values only (the same for every chunk of the batch), made once."""
+        if key not in self._bn:
+            self._bn[key] = make()
+        return self._bn[key]
+
     def perturbed_value(self, n):
         rep, base = self.rep(n), self._base[n]
         if isinstance(rep, (tuple, list)):

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["pair", "conv_padding", "conv_out_size", "pool_out", "conv_weight_coords", "conv2d_weight_delta",
-           "linear_weight_delta", "bn_running_scale", "batch_norm_delta", "relu_delta", "clamp_delta",
+           "linear_weight_delta", "bn_running_scale", "batch_norm_delta", "relu_delta", "clamp_delta", "clamp_delta_terms", "clamp_delta_from",
            "leaky_relu_delta", "sigmoid_delta", "tanh_delta", "silu_delta", "hardsigmoid_delta", "hardswish_delta",
            "promoted_delta", "softmax_delta", "log_softmax_delta", "cross_entropy_delta"]
 
@@ -158,6 +158,19 @@ def clamp_delta(x0: torch.Tensor, d: torch.Tensor, lo: float, hi: float) -> torc
     every bound that can be active is within ``|d|`` of the point, so rounding stays relative to d."""
     c0 = x0.clamp(lo, hi)
     return torch.minimum(torch.maximum((x0 - c0) + d, lo - c0), hi - c0)
+
+
+def clamp_delta_terms(x0: torch.Tensor, lo: float, hi: float):
+    """The base-only terms of :func:`clamp_delta`: ``(r, lo - c0, hi - c0)``; with them the delta of
+    any change is ``min(max(r + d, lo - c0), hi - c0)`` (two or three passes over d)."""
+    c0 = x0.clamp(lo, hi)
+    return x0 - c0, lo - c0, (hi - c0) if hi != math.inf else None
+
+
+def clamp_delta_from(terms, d: torch.Tensor) -> torch.Tensor:
+    r, low, high = terms
+    out = torch.maximum(d + r, low)
+    return out if high is None else torch.minimum(out, high)
 
 
 def leaky_relu_delta(x0: torch.Tensor, d: torch.Tensor, slope: float) -> torch.Tensor:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..deltas import ChannelDelta, ChannelPreReLU, DenseDelta, DenseValue, expand_base, gather_channels
-from ..formulas import (clamp_delta, hardsigmoid_delta, hardswish_delta, leaky_relu_delta, promoted_delta, relu_delta,
-                        sigmoid_delta, silu_delta, tanh_delta)
+from ..formulas import (clamp_delta, clamp_delta_from, clamp_delta_terms, hardsigmoid_delta, hardswish_delta,
+                        leaky_relu_delta, promoted_delta, relu_delta, sigmoid_delta, silu_delta, tanh_delta)
 from ..graph import DROPOUT_FUNCS, dropout_active
 from .registry import as_function, find_rule, first_input, only_first_changed, rule
 
@@ -108,6 +109,11 @@ def activation(ctx, node):
     if isinstance(rep, DenseValue):
         return DenseValue(as_function(ctx, node)(rep.values))
     formula = delta_formula(ctx, node)
+    if isinstance(rep, DenseDelta):
+        bounds = _clamp_bounds(formula)
+        if bounds is not None:  # ReLU, ReLU6, Hardtanh: base-only terms once per batch
+            terms = ctx.base_cached((node, "clamp"), lambda: clamp_delta_terms(expand_base(xb), *bounds))
+            return DenseDelta(clamp_delta_from(terms, rep.values))
     if isinstance(rep, ChannelDelta):
         x0, d = gather_channels(xb, rep), rep.values
         if _is_plain_relu(ctx, node):
@@ -116,6 +122,15 @@ def activation(ctx, node):
                 return ChannelPreReLU(rep.index, d, rep.view, pre=x0)  # the max pool applies it
         return ChannelDelta(rep.index, formula(x0, d), rep.view)
     return DenseDelta(formula(expand_base(xb), rep.values))
+
+
+def _clamp_bounds(formula):
+    """``(lo, hi)`` when ``formula`` is a clamp (ReLU included), else None."""
+    if formula is relu_delta:
+        return 0.0, math.inf
+    if isinstance(formula, functools.partial) and formula.func is clamp_delta:
+        return formula.keywords["lo"], formula.keywords["hi"]
+    return None
 
 
 def _rule_of(ctx, node):

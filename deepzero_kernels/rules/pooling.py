@@ -36,6 +36,15 @@ def _pool(ctx, node, linear: bool):
         return DenseDelta(unflat(fn(flat(rep.values)), b, k))
     if isinstance(rep, DenseValue):
         return DenseValue(unflat(as_function(ctx, node)(flat(rep.values)), b, k))
+    window = _plain_window(ctx, node, xb)
+    if window is not None:  # non-overlapping windows: no argmax needed
+        if isinstance(rep, ChannelDelta):
+            c_rep = ChannelDelta(rep.index, None, tuple(yb.shape[1:]))
+            x0 = rep.pre if isinstance(rep, ChannelPreReLU) else gather_channels(xb, rep)
+            out = _window_delta(x0.unsqueeze(2), rep.values.unsqueeze(2), gather_channels(yb, c_rep).unsqueeze(2),
+                                window, isinstance(rep, ChannelPreReLU))
+            return ChannelDelta(rep.index, out.squeeze(2), tuple(yb.shape[1:]))
+        return DenseDelta(_window_delta(expand_base(xb), rep.values, expand_base(yb), window, False))
     pool = _with_indices(ctx, node)
     if isinstance(rep, ChannelDelta):  # each k its own one-channel batch: (B, K, 1, *spatial)
         d = rep.values.unsqueeze(2)
@@ -64,6 +73,34 @@ def max_pool_delta(pool, x0: torch.Tensor, d: torch.Tensor, m0: torch.Tensor) ->
     out_shape, j = j.shape, j.flatten(3)
     gather = lambda t: t.expand(d.shape).flatten(3).gather(3, j)  # noqa: E731
     return ((gather(x0) - m0.flatten(3)) + gather(d)).reshape(out_shape)
+
+
+def _plain_window(ctx, node, xb):
+    """``(k, ceil_mode)`` of an ``nn.MaxPool2d`` with square windows equal to its stride, no padding
+    or dilation (App. B's pools), else None."""
+    if node.op != "call_module" or type(ctx.module(node)) is not nn.MaxPool2d or xb.dim() != 4:
+        return None
+    m = ctx.module(node)
+    k, s = m.kernel_size, m.stride if m.stride is not None else m.kernel_size
+    if not (isinstance(k, int) and k == s and m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1))):
+        return None
+    return k, m.ceil_mode
+
+
+def _window_delta(x0, d, m0, window, relu: bool):
+    """Change of a non-overlapping max pool (after a ReLU of ``x0 + d`` if ``relu``): every element
+    relative to its window's base output, ``g = (x0 - m0) + d`` (a difference of base values, exact
+    where it matters, plus the delta), then ``G = max g``: the change is ``G`` (``max(G, -m0)`` after a
+    ReLU, ``m0`` being the ReLU'd base output). ``d`` is ``(B, K, C, H, W)``, ``x0`` and ``m0``
+    broadcast to it and to the pooled shape."""
+    k, ceil = window
+    h, w = d.shape[-2:]
+    up = m0.repeat_interleave(k, -2).repeat_interleave(k, -1)[..., :h, :w]
+    g = (x0 - up) + d
+    b, kk = g.shape[:2]
+    out = F.max_pool2d(g.reshape((b * kk,) + tuple(g.shape[2:])), k, k, ceil_mode=ceil)
+    out = out.reshape((b, kk) + tuple(out.shape[1:]))
+    return torch.maximum(out, -m0) if relu else out
 
 
 def _with_indices(ctx, node):

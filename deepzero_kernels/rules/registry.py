@@ -41,6 +41,7 @@ class RuleContext(Protocol):
     def value(self, v) -> Any: ...                       # an argument structure with base values
     def module(self, node: Node) -> nn.Module: ...       # the module of a call_module node
     def bn_stats(self, node: Node, x: Node) -> tuple: ...  # (centred input, 1/std) of a batch-stats BN
+    def base_cached(self, key, make: Callable) -> Any: ...  # make() once per batch (base-derived tensors)
     def perturbed_value(self, n) -> Any: ...             # (B, K, ...) perturbed values of a node
     def fused(self, node: Node) -> Any: ...              # a fused kernel chain's result, or NotImplemented
     def call(self, node: Node, getter: Callable, override=None) -> Any: ...  # evaluate a node
