@@ -26,15 +26,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from deepzero_kernels import CGE  # noqa: E402
-from deepzero_kernels.models import mobilenet_v2, resnet18, resnet20  # noqa: E402
+from deepzero_kernels import CGE, models  # noqa: E402
 
 try:
     from deepzero_kernels.precision import emulated_tf32
 except ImportError:  # an older checkout (before issue 14): fp32 rows only
     emulated_tf32 = None
 
-MODELS = {"resnet20": resnet20, "resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
+MODELS = ("resnet20", "resnet18", "mobilenet_v2")  # factories in deepzero_kernels.models
 
 
 @torch.no_grad()
@@ -81,7 +80,7 @@ def relnorm(a, b):
 
 def measure(name, batch, n_middle, n_all, mu, seed, backend):
     torch.manual_seed(seed)
-    model = MODELS[name]()
+    model = getattr(models, name)()
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     middle, mid, spread = draw(model, n_middle, n_all, seed)
     m64 = copy.deepcopy(model).double()
