@@ -1,6 +1,7 @@
 """pytest configuration of the benchmark suite: ``--quick`` / ``--full`` sizes, the parametrisation
 of the cases, the machine's dense conv FLOP rate, and the summary printed at the end and written
-to ``bench/results/<device>-summary.json``.
+to a new ``bench/results/runs/<device>[-<mode>]-<UTC time>-summary.json`` (never over the committed
+``bench/results/<device>-summary.json``, which only ``--bench-summary PATH`` replaces).
 
     pytest bench/ --benchmark-only                       # default sizes (<= 10 min, 2-core CPU)
     pytest bench/ --benchmark-only --quick               # CI smoke run, tiny sizes, 1 round
@@ -36,7 +37,8 @@ def pytest_addoption(parser):
     g.addoption("--full", action="store_true", default=False,
                 help="GPU sizes (ResNet-20 at batch 256, larger samples, more rounds)")
     g.addoption("--bench-summary", default=None,
-                help="where to write the summary JSON (default bench/results/<device>-summary.json)")
+                help="where to write the summary JSON (default: a new bench/results/runs/<device>-<UTC time>-summary.json; "
+                     "give bench/results/<device>-summary.json to replace the committed reference)")
 
 
 def pytest_configure(config):
@@ -196,8 +198,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not reg.groups and not reg.kernels:
         return
     s = build_summary(reg)
+    # A run never overwrites the committed references (bench/results/<device>-summary.json): by
+    # default it writes a new file under bench/results/runs/ (ignored by git); a reference is
+    # only replaced when its path is given with --bench-summary.
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = config.getoption("--bench-summary") or os.path.join(
-        _HERE, "results", f"{s['device']}-{'' if reg.mode == 'default' else reg.mode + '-'}summary.json")
+        _HERE, "results", "runs", f"{s['device']}-{'' if reg.mode == 'default' else reg.mode + '-'}{stamp}-summary.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(s, f, indent=1, sort_keys=False, default=float)
