@@ -159,7 +159,8 @@ void check_conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channe
                                int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std,
                                const at::Tensor& bn_weight, const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
-                               const at::Tensor& pool_base) {
+                               const at::Tensor& pool_base, bool global_avg) {
+  (void)global_avg;
   check_float(delta, "delta");
   check(delta, "delta", delta, {-1, -1, -1, -1});
   check(weight, "weight", delta, {-1, -1, -1, -1});
@@ -246,7 +247,7 @@ TORCH_LIBRARY(deepzero, m) {
         "Tensor residual, bool relu, int pool_k, int pool_s, bool global_avg) -> Tensor");
   m.def("conv1ch_delta_chain(Tensor delta, Tensor channel, Tensor weight, int stride_h, int stride_w, int pad_h, "
         "int pad_w, int dil_h, int dil_w, int bn_mode, Tensor bn_xhat, Tensor bn_inv_std, Tensor bn_weight, "
-        "Tensor relu_base, int pool_k, int pool_s, Tensor pool_base) -> Tensor");
+        "Tensor relu_base, int pool_k, int pool_s, Tensor pool_base, bool global_avg) -> Tensor");
   m.def("linear_weight_ce(Tensor x, Tensor logits, Tensor target, Tensor idx, float mu) -> Tensor");
   m.def("linear_rank1_ce(Tensor values, Tensor channel, Tensor weight, Tensor logits, Tensor target) -> Tensor");
   m.def("linear_dense_ce(Tensor values, Tensor base, Tensor weight, Tensor logits, Tensor target) -> Tensor");

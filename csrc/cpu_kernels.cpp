@@ -69,9 +69,9 @@ at::Tensor conv1ch_delta_chain_cpu(const at::Tensor& delta, const at::Tensor& ch
                                    int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat,
                                    const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
                                    const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
-                                   const at::Tensor& pool_base) {
+                                   const at::Tensor& pool_base, bool global_avg) {
   return DZ_CPU_CALL(conv1ch_delta_chain, delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                     bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base);
+                     bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base, global_avg);
 }
 
 at::Tensor channel_chain_cpu(const at::Tensor& values, const at::Tensor& channel, int64_t bn_mode,

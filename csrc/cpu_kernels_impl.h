@@ -135,10 +135,10 @@ BnCoef onech_coef(const OneChArgs<T>& a, int64_t k, const double* part) {
   return bn_delta_coef(s[0], s[1], s[2], double(a.B * a.H * a.W), double(a.inv_std[c]), double(a.bnw[c]));
 }
 
-// Apply the chain to delta plane d of item (k, b) and write its output plane. t: H*W, rm: W scratch.
+// Apply the chain to delta plane d of item (k, b) and write its output plane to o. t: H*W, rm: W scratch.
 template <typename T>
-void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restrict d, const BnCoef& cf,
-                 T* __restrict t, T* __restrict rm) {
+void onech_apply_to(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restrict d, const BnCoef& cf,
+                    T* __restrict t, T* __restrict rm, T* __restrict o_plane) {
   const int64_t HW = a.H * a.W, c = a.ch[k], off = (b * a.C + c) * HW;
   // BatchNorm delta, in the reference's order: (c0 + x_hat c1) + d c2, or d * w.
   if (a.bn_mode == BnMode::Batch) {
@@ -152,18 +152,18 @@ void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restric
     for (int64_t e = 0; e < HW; ++e) t[e] = d[e];
   }
   if (!a.relu_base) {
-    T* __restrict o = a.out + (b * a.K + k) * HW;
+    T* __restrict o = o_plane;
     for (int64_t e = 0; e < HW; ++e) o[e] = t[e];
     return;
   }
   const T* __restrict x0 = a.relu_base + off;
   if (!a.pk) {
-    T* __restrict o = a.out + (b * a.K + k) * HW;
+    T* __restrict o = o_plane;
     for (int64_t e = 0; e < HW; ++e) o[e] = relu_delta(x0[e], t[e]);
     return;
   }
   const int64_t HWp = a.Hp * a.Wp;
-  T* __restrict o = a.out + (b * a.K + k) * HWp;
+  T* __restrict o = o_plane;
   const T* __restrict pb = a.pool_base + (b * a.C + c) * HWp;
   // The window's change from its base output m0 (relu of the base input's max, >= 0): with
   // g = (x0 - m0) + d per element (x0 - m0 <= 0, exact where it matters) and G = max g over the
@@ -198,6 +198,16 @@ void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restric
   }
 }
 
+// The output plane of item (k, b), or with a.gavg its mean (in double) from the scratch plane ob.
+template <typename T>
+void onech_apply(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __restrict d, const BnCoef& cf,
+                 T* __restrict t, T* __restrict rm, T* __restrict ob) {
+  const int64_t plane = (a.relu_base && a.pk) ? a.Hp * a.Wp : a.H * a.W;
+  if (!a.gavg) return onech_apply_to(a, k, b, d, cf, t, rm, a.out + (b * a.K + k) * plane);
+  onech_apply_to(a, k, b, d, cf, t, rm, ob);
+  a.out[b * a.K + k] = T(dsum(plane, [&](int64_t e) { return double(ob[e]); }) / double(plane));
+}
+
 template <typename T, typename Src>
 void run_onech(const OneChArgs<T>& a, const Src& src) {
   const int nt = num_threads();
@@ -210,7 +220,7 @@ void run_onech(const OneChArgs<T>& a, const Src& src) {
     {
       // All B delta planes of one perturbation stay in this buffer (B*H*W, cache-sized at the
       // suite's sizes), so the apply pass reuses the statistics pass's gather instead of redoing it.
-      std::vector<T> dbuf(stats ? B * HW : HW), t(HW), rm(a.W);
+      std::vector<T> dbuf(stats ? B * HW : HW), t(HW), rm(a.W), ob(a.gavg ? HW : 0);
       std::vector<const T*> planes(B);
       std::vector<double> part(3 * B);
 #pragma omp for schedule(dynamic, 1)
@@ -223,9 +233,9 @@ void run_onech(const OneChArgs<T>& a, const Src& src) {
             moments(planes[b], xh + b * a.C * HW, HW, &part[3 * b]);
           }
           cf = onech_coef(a, k, part.data());
-          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, planes[b], cf, t.data(), rm.data());
+          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, planes[b], cf, t.data(), rm.data(), ob.data());
         } else {
-          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, src.plane(b, k, dbuf.data()), cf, t.data(), rm.data());
+          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, src.plane(b, k, dbuf.data()), cf, t.data(), rm.data(), ob.data());
         }
       }
     }
@@ -235,7 +245,7 @@ void run_onech(const OneChArgs<T>& a, const Src& src) {
     std::vector<BnCoef> coef(K, BnCoef{0, 0, 0});
 #pragma omp parallel num_threads(nt)
     {
-      std::vector<T> dbuf(HW), t(HW), rm(a.W);
+      std::vector<T> dbuf(HW), t(HW), rm(a.W), ob(a.gavg ? HW : 0);
       if (stats) {
 #pragma omp for schedule(static)
         for (int64_t kb = 0; kb < K * B; ++kb) {
@@ -248,7 +258,7 @@ void run_onech(const OneChArgs<T>& a, const Src& src) {
 #pragma omp for schedule(static)
       for (int64_t kb = 0; kb < K * B; ++kb) {
         const int64_t k = kb / B, b = kb % B;
-        onech_apply(a, k, b, src.plane(b, k, dbuf.data()), coef[k], t.data(), rm.data());
+        onech_apply(a, k, b, src.plane(b, k, dbuf.data()), coef[k], t.data(), rm.data(), ob.data());
       }
     }
   }
@@ -618,7 +628,7 @@ at::Tensor conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channe
                                int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
                                int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std,
                                const at::Tensor& bn_weight, const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
-                               const at::Tensor& pool_base) {
+                               const at::Tensor& pool_base, bool global_avg) {
   const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
   const int64_t Cout = weight.size(0), Cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
   const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
@@ -628,6 +638,11 @@ at::Tensor conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channe
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "conv1ch_delta_chain_cpu", [&] {
     auto a = onech_args<scalar_t>(B, K * Cout, Ho, Wo, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
                                   pool_k, pool_s, pool_base, out, delta.options());
+    if (global_avg) {  // one mean per (b, k, co): the planes stay in the threads' scratch
+      out = at::empty({B, K * Cout, 1, 1}, delta.options());
+      a.out = out.numel() ? out.data_ptr<scalar_t>() : nullptr;
+      a.gavg = true;
+    }
     static std::atomic<uint64_t> calls{0};
     Conv1chPlaneSrc<scalar_t> src{delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                                   channel.data_ptr<int64_t>(), B, K, Cout, Cin, H, W, kh, kw, stride_h,

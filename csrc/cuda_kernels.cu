@@ -425,7 +425,7 @@ at::Tensor conv1ch_delta_chain_cuda(const at::Tensor& delta, const at::Tensor& c
                                     int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat,
                                     const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,
                                     const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
-                                    const at::Tensor& pool_base) {
+                                    const at::Tensor& pool_base, bool global_avg) {
   DZ_DEVICE_GUARD(delta);
   const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
   const int64_t Cout = weight.size(0), Cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
@@ -442,7 +442,8 @@ at::Tensor conv1ch_delta_chain_cuda(const at::Tensor& delta, const at::Tensor& c
     auto kernel = cuda::onech_kernel<scalar_t, decltype(src)>;
     DZ_LAUNCH_BLOCK(kernel, unsigned(K * Cout), cuda::kThreads, 0, a, src);
   });
-  return out.view({B, K, Cout, out.size(2), out.size(3)});
+  out = out.view({B, K, Cout, out.size(2), out.size(3)});
+  return global_avg ? out.mean({3, 4}, true) : out;
 }
 
 at::Tensor conv_delta_chain_cuda(const at::Tensor& x, const at::Tensor& src_channel, const at::Tensor& off_h,

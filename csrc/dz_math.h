@@ -34,6 +34,7 @@ struct OneChArgs {
   int64_t pk, ps;
   const T* pool_base;
   T* out;
+  bool gavg = false;  // write the mean of each output plane (B, K) instead (CPU conv1ch_delta_chain)
 };
 
 // Arguments of the dense chain: BatchNorm (statistics per (k, c) over (B, H, W)) -> + residual ->

@@ -32,7 +32,8 @@ namespace dz {
       const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight, int64_t stride_h,        \
       int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w, int64_t bn_mode,         \
       const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std, const at::Tensor& bn_weight,                  \
-      const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s, const at::Tensor& pool_base);             \
+      const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s, const at::Tensor& pool_base,              \
+      bool global_avg);                                                                                      \
   at::Tensor linear_weight_ce_##SUFFIX(const at::Tensor& x, const at::Tensor& logits,                        \
                                        const at::Tensor& target, const at::Tensor& idx, double mu);          \
   at::Tensor linear_rank1_ce_##SUFFIX(const at::Tensor& values, const at::Tensor& channel,                   \

@@ -271,18 +271,27 @@ def _dense_chain(ctx, node: Node, rep: DenseDelta, xb: torch.Tensor):
     return _with_global_avg(ctx, node, ch, vals.reshape((b, k, c) + tuple(vals.shape[2:])))
 
 
-def _with_global_avg(ctx, head: Node, ch: _Chain, vals: torch.Tensor) -> dict:
-    """Place a dense chain's delta ``vals`` ``(B, K, C, H, W)``; when the chain's last node feeds a
-    global average pool alone, take that (linear) mean here too, so the spatial delta is never
-    stored (the chunk sizing sees only the pooled one)."""
+def _global_avg_after(ctx, head: Node, ch: _Chain):
+    """The global average pool that alone reads the chain's last node, or None."""
     last = ch.nodes[-1] if ch.nodes else head
     user = _sole_user(last)
     if user is not None and not _ends_chain(ctx, user) and user.args and user.args[0] is last \
             and tuple(ctx.base(user).shape[-2:]) == (1, 1) and (
                 (user.op == "call_module" and type(ctx.module(user)) is nn.AdaptiveAvgPool2d)
                 or (user.op == "call_function" and user.target is F.adaptive_avg_pool2d)):
-        ch.nodes.append(user)
-        vals = vals.mean((-2, -1), keepdim=True)
+        return user
+    return None
+
+
+def _with_global_avg(ctx, head: Node, ch: _Chain, vals: torch.Tensor, averaged: bool = False) -> dict:
+    """Place a dense chain's delta ``vals`` ``(B, K, C, H, W)``; when the chain's last node feeds a
+    global average pool alone, take that (linear) mean here too (``averaged``: the kernel did), so
+    the spatial delta is never stored (the chunk sizing sees only the pooled one)."""
+    gap = _global_avg_after(ctx, head, ch)
+    if gap is not None:
+        ch.nodes.append(gap)
+        if not averaged:
+            vals = vals.mean((-2, -1), keepdim=True)
     return _place(head, ch, DenseDelta(vals))
 
 
@@ -300,6 +309,8 @@ def _conv1ch(ctx, node: Node, conv: nn.Conv2d, rep: ChannelDelta) -> dict:
         out = ctx.kernels.conv1ch_chain(rep.values.contiguous(), rep.index, w, torch.zeros_like(base_out),
                                         conv=geometry)
         return {node: DenseDelta(out)}
+    gap = _global_avg_after(ctx, node, ch) is not None
     vals = ctx.kernels.conv1ch_delta_chain(rep.values.contiguous(), rep.index, w, conv=geometry,
-                                           bn=_bn_channel(ctx, ch.bn, base_out), **_channel_tail(ctx, ch))
-    return _with_global_avg(ctx, node, ch, vals)
+                                           bn=_bn_channel(ctx, ch.bn, base_out), global_avg=gap,
+                                           **_channel_tail(ctx, ch))
+    return _with_global_avg(ctx, node, ch, vals, averaged=gap)

@@ -376,8 +376,8 @@ def test_conv1ch_chain(use, target, case, dtype):
 
 
 def conv1ch_delta_case(case: DenseCase):
-    """conv1ch_delta_chain's keyword arguments and the naive change of the block's output (no global
-    average: the engine takes that mean of the delta itself) when input channel ch[k] changes by delta."""
+    """conv1ch_delta_chain's keyword arguments and the naive change of the block's output (spatially
+    averaged in the cases with ``gap``) when input channel ch[k] changes by delta."""
     g = gen(case)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     x, wt = r(case.b, case.c_in, case.h, case.w), r(case.c_out, case.c_in, case.kh, case.kw)
@@ -387,14 +387,16 @@ def conv1ch_delta_case(case: DenseCase):
     residual = r(*z.shape) if case.residual else None
     delta, channel = r(case.b, case.k, case.h, case.w) * 0.1, torch.randint(0, case.c_in, (case.k,), generator=g)
     tail = (case.bn, bn_w, bn_b, residual, case.relu, case.pool)
-    args = dict(delta=delta, channel=channel, weight=wt, conv=ConvArgs(*geo), **channel_tail_args(z, *tail))
-    base = tail_forward(z, *tail)
+    args = dict(delta=delta, channel=channel, weight=wt, conv=ConvArgs(*geo), global_avg=case.gap,
+                **channel_tail_args(z, *tail))
+    base = tail_forward(z, *tail, gap=case.gap)
     naive = []
     for k in range(case.k):
         xk = x.clone()
         xk[:, channel[k]] += delta[:, k]
-        naive.append(tail_forward(F.conv2d(xk, wt, None, *geo), *tail) - base)
-    return args, torch.stack(naive, 1), bn_gain(case.bn, args["bn"].inv_std, bn_w)
+        naive.append(tail_forward(F.conv2d(xk, wt, None, *geo), *tail, gap=case.gap) - base)
+    naive = torch.stack(naive, 1)
+    return args, naive[..., None, None] if case.gap else naive, bn_gain(case.bn, args["bn"].inv_std, bn_w)
 
 
 @pytest.mark.parametrize("target,case,dtype", matrix([c for c in DENSE_CASES if c.bn != N0 or c.relu], "c"))

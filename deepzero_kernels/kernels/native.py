@@ -66,9 +66,11 @@ def _fake_conv1ch_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w
 
 
 def _fake_conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, bn_mode, bn_xhat,
-                              bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base):
+                              bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base, global_avg):
     b, k, h, w = delta.shape
     c, _, kh, kw = weight.shape
+    if global_avg:
+        return delta.new_empty((b, k, c, 1, 1))
     ho, wo = conv_out_size(h, kh, stride_h, pad_h, dil_h), conv_out_size(w, kw, stride_w, pad_w, dil_w)
     return delta.new_empty((b, k) + _onech_shape(b, c, ho, wo, pool_k, pool_base)[1:])
 

@@ -117,7 +117,7 @@ def conv_delta_chain(x, src_channel, off_h, off_w, out_channel, mu, stride_h, st
 
 
 def conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, bn_mode, bn_xhat,
-                        bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base):
+                        bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base, global_avg):
     """The next conv of one-channel deltas and the chain after it, on deltas throughout.
 
     Args:
@@ -126,6 +126,7 @@ def conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w
             padding ``pad_h``, ``pad_w``).
         the rest: the chain of :func:`channel_chain` on the conv's ``C_out`` output channels
             (``bn_xhat``, ``relu_base``, ``pool_base`` have ``C_out`` channels).
+        global_avg: return the mean over the spatial dims (``H' = W' = 1``).
     Returns:
         ``(B, K, C_out, H', W')``: the change of the chain's output. Item ``(k, c)`` is the delta
         ``conv(delta[:, k], weight[c, channel[k]])`` of channel c, carried through
@@ -137,7 +138,8 @@ def conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w
     dz = F.conv2d(delta, wk, None, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w), k)  # (B, K*C_out, ...)
     items = torch.arange(c_out, device=delta.device).repeat(k)
     out = channel_chain(dz, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base)
-    return out.reshape(b, k, c_out, *out.shape[2:])
+    out = out.reshape(b, k, c_out, *out.shape[2:])
+    return out.mean((3, 4), keepdim=True) if global_avg else out
 
 
 def bn_act_dense(values, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s, global_avg):

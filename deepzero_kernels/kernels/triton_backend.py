@@ -406,7 +406,7 @@ def conv1ch_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_
 
 
 def conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, bn_mode, bn_xhat,
-                        bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base):
+                        bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base, global_avg):
     # Two launches: the vendor grouped convolution of the one-channel deltas (cuDNN, in the
     # precision the engine set), then channel_chain over the K * C_out (k, c) planes.
     b, k = delta.shape[:2]
@@ -415,7 +415,8 @@ def conv1ch_delta_chain(delta, channel, weight, stride_h, stride_w, pad_h, pad_w
     dz = F.conv2d(delta, wk, None, (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w), k).contiguous()
     items = torch.arange(c_out, device=delta.device).repeat(k)
     out = channel_chain(dz, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s, pool_base)
-    return out.reshape(b, k, c_out, *out.shape[2:])
+    out = out.reshape(b, k, c_out, *out.shape[2:])
+    return out.mean((3, 4), keepdim=True) if global_avg else out
 
 
 # ----------------------------------------------------------------------------- cross-entropy

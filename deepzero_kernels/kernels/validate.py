@@ -176,10 +176,10 @@ def conv_delta_chain(x, src_channel, off_h, off_w, out_channel, mu, *, stride, o
 
 
 def conv1ch_delta_chain(delta, channel, weight, *, conv: ConvArgs = ConvArgs(), bn: BnArgs = NO_BN, relu_base=None,
-                        pool: PoolArgs = NO_POOL, pool_base=None):
+                        pool: PoolArgs = NO_POOL, pool_base=None, global_avg: bool = False):
     """One-channel deltas ``delta`` ``(B, K, H, W)`` of input channels ``channel`` through the next
     conv (``weight``, geometry ``conv``) and the chain of :func:`channel_chain` on its output
-    channels, as deltas. See ``reference.conv1ch_delta_chain``."""
+    channels, as deltas, optionally averaged over space. See ``reference.conv1ch_delta_chain``."""
     ck = Checker("conv1ch_delta_chain", "delta", delta)
     ck.tensor("delta", delta, (None, None, None, None))
     b, k, h, w = delta.shape
@@ -199,7 +199,8 @@ def conv1ch_delta_chain(delta, channel, weight, *, conv: ConvArgs = ConvArgs(), 
     if c != c_out:
         ck.fail(f"the chain after the conv has {c} channels, the conv has {c_out} outputs")
     return (delta, channel, weight, sh, sw, ph, pw, dh, dw) + _channel_tail(ck, b, c, ho, wo, bn, relu_base, pool,
-                                                                            pool_base)
+                                                                            pool_base) + (
+        ck.flag("global_avg", global_avg),)
 
 
 # ----------------------------------------------------------------------------- dense chains
