@@ -135,32 +135,15 @@ void check_bn_act_dense(const at::Tensor& values, int64_t bn_mode, const at::Ten
               residual, pool_k, pool_s);
 }
 
-void check_conv1ch_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
-                         int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
-                         const at::Tensor& base_out, int64_t bn_mode, const at::Tensor& bn_weight,
-                         const at::Tensor& bn_bias, double eps, const at::Tensor& residual, bool relu, int64_t pool_k,
-                         int64_t pool_s, bool global_avg) {
-  check_float(delta, "delta");
-  check(delta, "delta", delta, {-1, -1, -1, -1});
-  check(weight, "weight", delta, {-1, -1, -1, -1});
-  TORCH_CHECK(stride_h >= 1 && stride_w >= 1 && dil_h >= 1 && dil_w >= 1 && pad_h >= 0 && pad_w >= 0,
-              "stride and dilation must be >= 1 and padding >= 0");
-  const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
-  const int64_t Cout = weight.size(0), kh = weight.size(2), kw = weight.size(3);
-  TORCH_CHECK(kh >= 1 && kw >= 1 && weight.size(1) >= 1, "weight must not be empty");
-  const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
-  TORCH_CHECK(Ho >= 1 && Wo >= 1, "the convolution has an empty output");
-  check_index(channel, "channel", delta, K, weight.size(1));
-  check(base_out, "base_out", delta, {B, Cout, Ho, Wo});
-  check_dense(delta, B, Cout, Ho, Wo, bn_mode, bn_weight, bn_bias, eps, residual, pool_k, pool_s);
-}
+// The next conv of one-channel deltas delta (B, K, H, W) of input channels `channel` (conv1ch_chain,
+// conv1ch_delta_chain): its checks and output shape.
+struct Conv1chShape {
+  int64_t B, Cout, Ho, Wo;
+};
 
-void check_conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
-                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
-                               int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std,
-                               const at::Tensor& bn_weight, const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
-                               const at::Tensor& pool_base, bool global_avg) {
-  (void)global_avg;
+Conv1chShape check_conv1ch(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+                           int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                           int64_t dil_w) {
   check_float(delta, "delta");
   check(delta, "delta", delta, {-1, -1, -1, -1});
   check(weight, "weight", delta, {-1, -1, -1, -1});
@@ -172,6 +155,28 @@ void check_conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channe
   const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
   TORCH_CHECK(Ho >= 1 && Wo >= 1, "the convolution has an empty output");
   check_index(channel, "channel", delta, K, weight.size(1));
+  return {B, Cout, Ho, Wo};
+}
+
+void check_conv1ch_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+                         int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h, int64_t dil_w,
+                         const at::Tensor& base_out, int64_t bn_mode, const at::Tensor& bn_weight,
+                         const at::Tensor& bn_bias, double eps, const at::Tensor& residual, bool relu, int64_t pool_k,
+                         int64_t pool_s, bool global_avg) {
+  const Conv1chShape g = check_conv1ch(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
+  const int64_t B = g.B, Cout = g.Cout, Ho = g.Ho, Wo = g.Wo;
+  check(base_out, "base_out", delta, {B, Cout, Ho, Wo});
+  check_dense(delta, B, Cout, Ho, Wo, bn_mode, bn_weight, bn_bias, eps, residual, pool_k, pool_s);
+}
+
+void check_conv1ch_delta_chain(const at::Tensor& delta, const at::Tensor& channel, const at::Tensor& weight,
+                               int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dil_h,
+                               int64_t dil_w, int64_t bn_mode, const at::Tensor& bn_xhat, const at::Tensor& bn_inv_std,
+                               const at::Tensor& bn_weight, const at::Tensor& relu_base, int64_t pool_k, int64_t pool_s,
+                               const at::Tensor& pool_base, bool global_avg) {
+  (void)global_avg;
+  const Conv1chShape g = check_conv1ch(delta, channel, weight, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w);
+  const int64_t B = g.B, Cout = g.Cout, Ho = g.Ho, Wo = g.Wo;
   const int64_t C = check_onech(delta, B, Ho, Wo, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k, pool_s,
                                 pool_base);
   TORCH_CHECK(C == Cout, "the chain after the conv has ", C, " channels, the conv has ", Cout, " outputs");

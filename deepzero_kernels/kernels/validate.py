@@ -175,12 +175,9 @@ def conv_delta_chain(x, src_channel, off_h, off_w, out_channel, mu, *, stride, o
     return (x, src_channel, off_h, off_w, out_channel, mu, sh, sw, h_out, w_out) + tail
 
 
-def conv1ch_delta_chain(delta, channel, weight, *, conv: ConvArgs = ConvArgs(), bn: BnArgs = NO_BN, relu_base=None,
-                        pool: PoolArgs = NO_POOL, pool_base=None, global_avg: bool = False):
-    """One-channel deltas ``delta`` ``(B, K, H, W)`` of input channels ``channel`` through the next
-    conv (``weight``, geometry ``conv``) and the chain of :func:`channel_chain` on its output
-    channels, as deltas, optionally averaged over space. See ``reference.conv1ch_delta_chain``."""
-    ck = Checker("conv1ch_delta_chain", "delta", delta)
+def _conv1ch_geometry(ck: Checker, delta, channel, weight, conv):
+    """Checks of the next conv of one-channel deltas ``delta`` ``(B, K, H, W)`` of input channels
+    ``channel``: ``(B, C_out, H_out, W_out, (sh, sw, ph, pw, dh, dw))``."""
     ck.tensor("delta", delta, (None, None, None, None))
     b, k, h, w = delta.shape
     ck.tensor("weight", weight, (None, None, None, None))
@@ -193,13 +190,22 @@ def conv1ch_delta_chain(delta, channel, weight, *, conv: ConvArgs = ConvArgs(), 
     ho, wo = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
     if ho < 1 or wo < 1:
         ck.fail(f"the convolution has an empty output for input {(h, w)} and kernel {(kh, kw)}")
+    return b, c_out, ho, wo, (sh, sw, ph, pw, dh, dw)
+
+
+def conv1ch_delta_chain(delta, channel, weight, *, conv: ConvArgs = ConvArgs(), bn: BnArgs = NO_BN, relu_base=None,
+                        pool: PoolArgs = NO_POOL, pool_base=None, global_avg: bool = False):
+    """One-channel deltas ``delta`` ``(B, K, H, W)`` of input channels ``channel`` through the next
+    conv (``weight``, geometry ``conv``) and the chain of :func:`channel_chain` on its output
+    channels, as deltas, optionally averaged over space. See ``reference.conv1ch_delta_chain``."""
+    ck = Checker("conv1ch_delta_chain", "delta", delta)
+    b, c_out, ho, wo, geometry = _conv1ch_geometry(ck, delta, channel, weight, conv)
     c = _channels(ck, b, ho, wo, bn, relu_base)
     if c is None:
         ck.fail("nothing to do after the conv: give a BatchNorm (bn) or a ReLU (relu_base)")
     if c != c_out:
         ck.fail(f"the chain after the conv has {c} channels, the conv has {c_out} outputs")
-    return (delta, channel, weight, sh, sw, ph, pw, dh, dw) + _channel_tail(ck, b, c, ho, wo, bn, relu_base, pool,
-                                                                            pool_base) + (
+    return (delta, channel, weight) + geometry + _channel_tail(ck, b, c, ho, wo, bn, relu_base, pool, pool_base) + (
         ck.flag("global_avg", global_avg),)
 
 
@@ -233,20 +239,9 @@ def conv1ch_chain(delta, channel, weight, base_out, *, conv: ConvArgs = ConvArgs
     conv (``weight``, geometry ``conv``), added to its base output ``base_out``, then the chain of
     :func:`bn_act_dense`. See ``reference.conv1ch_chain``."""
     ck = Checker("conv1ch_chain", "delta", delta)
-    ck.tensor("delta", delta, (None, None, None, None))
-    b, k, h, w = delta.shape
-    ck.tensor("weight", weight, (None, None, None, None))
-    c_out, c_in, kh, kw = weight.shape
-    ck.index("channel", channel, k, c_in)
-    if not isinstance(conv, ConvArgs):
-        ck.fail(f"conv must be a ConvArgs, got {type(conv).__name__}", TypeError)
-    (sh, sw), (ph, pw), (dh, dw) = (ck.pair("conv.stride", conv.stride, 1), ck.pair("conv.padding", conv.padding),
-                                    ck.pair("conv.dilation", conv.dilation, 1))
-    ho, wo = conv_out_size(h, kh, sh, ph, dh), conv_out_size(w, kw, sw, pw, dw)
-    if ho < 1 or wo < 1:
-        ck.fail(f"the convolution has an empty output for input {(h, w)} and kernel {(kh, kw)}")
+    b, c_out, ho, wo, geometry = _conv1ch_geometry(ck, delta, channel, weight, conv)
     ck.tensor("base_out", base_out, (b, c_out, ho, wo))
-    return (delta, channel, weight, sh, sw, ph, pw, dh, dw, base_out) + _dense_tail(
+    return (delta, channel, weight) + geometry + (base_out,) + _dense_tail(
         ck, b, c_out, ho, wo, bn, residual, relu, pool, global_avg)
 
 
