@@ -397,14 +397,14 @@ class DeltaEngine:
         mod = self.modules[node.target]
         x = node.args[0] if node.args else None
         changed_input = any(p.rep(a) is not None for a in node.all_input_nodes)
-        only_input = (not changed_input and isinstance(x, Node) and len(node.all_input_nodes) == 1
-                      and not node.kwargs and path in ("weight", "bias") and not has_hooks(mod))
-        if only_input:
-            if p.kernels is not None:
+        source = rules.find_source_rule(mod)
+        plain = (isinstance(x, Node) and len(node.all_input_nodes) == 1 and not node.kwargs
+                 and path in ("weight", "bias"))
+        if not changed_input and not has_hooks(mod) and (plain or getattr(source, "any_call", False)):
+            if p.kernels is not None and plain:
                 fused = p._store(fusion.fused_source(p, node, mod, path, param, idx, mu), node)
                 if fused is not None:
                     return fused
-            source = rules.find_source_rule(mod)
             rep = source(p, node, path, param, idx, mu) if source is not None else None
             if rep is not None:
                 return rep

@@ -78,20 +78,27 @@ def mul(ctx, node):
     fa, fb = _factor(ctx.base(a), yb), _factor(ctx.base(b), yb)
     if fa is None or fb is None:
         return NotImplemented  # a factor whose layout the K dim cannot be added to
-    for n, r in ((a, ra), (b, rb)):
-        if r is not None and (not isinstance(ctx.base(n), torch.Tensor) or ctx.base(n).dim() != yb.dim()
-                              or ctx.base(n).shape[0] != yb.shape[0]):
-            return NotImplemented  # a changed factor must carry the batch dim
+    ba, bb = ctx.base(a), ctx.base(b)
+    if not (isinstance(ba, torch.Tensor) and isinstance(bb, torch.Tensor)):
+        return NotImplemented
+    # A changed factor without the batch dim (a parameter: layer scale) carries its delta broadcast
+    # to the output's shape, as _binary does for sums.
+    if ra is not None and (ba.dim() != yb.dim() or ba.shape[0] != yb.shape[0]):
+        ra, ba = _broadcast(ra, ba, yb), ba.expand(yb.shape)
+        fa = expand_base(ba)
+    if rb is not None and (bb.dim() != yb.dim() or bb.shape[0] != yb.shape[0]):
+        rb, bb = _broadcast(rb, bb, yb), bb.expand(yb.shape)
+        fb = expand_base(bb)
     if rb is None or ra is None:  # one factor unchanged: the delta times that factor
-        (r, n), (other, other_base) = ((ra, a), (fb, ctx.base(b))) if rb is None else ((rb, b), (fa, ctx.base(a)))
+        (r, r_base), (other, other_base) = ((ra, ba), (fb, bb)) if rb is None else ((rb, bb), (fa, ba))
         if isinstance(r, DenseValue):
             return DenseValue(r.values * other)
-        if isinstance(r, ChannelDelta) and true_layout(r, yb) and ctx.base(n).shape == yb.shape:
+        if isinstance(r, ChannelDelta) and true_layout(r, yb) and r_base.shape == yb.shape:
             return ChannelDelta(r.index, r.values * gather_channels(other_base.expand(yb.shape), r), r.view)
-        return DenseDelta(densify(r, ctx.base(n)) * other)
+        return DenseDelta(densify(r, r_base) * other)
     if isinstance(ra, DenseValue) or isinstance(rb, DenseValue):
-        return DenseValue(to_values(ra, ctx.base(a)) * to_values(rb, ctx.base(b)))
-    da, db = densify(ra, ctx.base(a)), densify(rb, ctx.base(b))
+        return DenseValue(to_values(ra, ba) * to_values(rb, bb))
+    da, db = densify(ra, ba), densify(rb, bb)
     return DenseDelta(da * fb + fa * db + da * db)
 
 

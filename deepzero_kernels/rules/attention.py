@@ -14,7 +14,7 @@ from torch.fx import Node
 from ..deltas import DenseDelta, DenseValue, densify, expand_base
 from ..formulas import log_softmax_delta, softmax_delta
 from ..precision import delta_map
-from .registry import first_input, only_first_changed, rule
+from .registry import first_input, only_first_changed, rule, source_rule
 
 
 def _softmax_dim(ctx, node):
@@ -90,10 +90,27 @@ def matmul(ctx, node):
     return DenseDelta(product_delta(ctx, fa, fb, da, db, torch.matmul))
 
 
+def attention_delta(ctx, qb, kb, vb, dq, dk, dv, scale, mask):
+    """The change of ``softmax(q k^T * scale + mask) v`` (heads in dim -3) for deltas ``dq``, ``dk``,
+    ``dv`` (``(B, K, ...)`` or None) of base ``qb``, ``kb``, ``vb``: the product rule for the logits
+    and the output, the softmax change in closed form. Returns ``(d_out, d_p)`` (``d_p``: the change
+    of the attention weights, None when neither q nor k changed)."""
+    logits = qb @ kb.transpose(-2, -1) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    p0 = torch.softmax(logits, -1)
+    kt = lambda t: t.transpose(-2, -1) if t is not None else None  # noqa: E731
+    d_p = None
+    if dq is not None or dk is not None:
+        d_logits = product_delta(ctx, expand_base(qb), kt(expand_base(kb)), dq, kt(dk), torch.matmul) * scale
+        d_p = torch.nan_to_num(softmax_delta(expand_base(p0), d_logits, -1), nan=0.0)  # fully masked rows
+    return product_delta(ctx, expand_base(p0), expand_base(vb), d_p, dv, torch.matmul), d_p
+
+
 @rule(F.scaled_dot_product_attention)
 def scaled_dot_product_attention(ctx, node):
-    """``softmax(q k^T * scale + mask) v``: the product rule for the logits and the output, the
-    softmax change in closed form. No dropout, no grouped-query broadcasting."""
+    """``softmax(q k^T * scale + mask) v`` (:func:`attention_delta`). No dropout, no grouped-query
+    broadcasting."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
@@ -108,20 +125,145 @@ def scaled_dot_product_attention(ctx, node):
         return NotImplemented
     scale = ctx.value(args.get("scale"))
     scale = 1.0 / math.sqrt(qb.shape[-1]) if scale is None else scale
-    logits = qb @ kb.transpose(-2, -1) * scale
     mask_b = ctx.value(mask)
     if ctx.value(args.get("is_causal", False)):
         ones = torch.ones(qb.shape[-2], kb.shape[-2], dtype=torch.bool, device=qb.device)
         mask_b = ones.tril() if mask_b is None else mask_b & ones.tril()
-    if mask_b is not None:
-        logits = logits.masked_fill(~mask_b, float("-inf")) if mask_b.dtype == torch.bool else logits + mask_b
-    p0 = torch.softmax(logits, -1)
     dq, dk, dv = (densify(r, t) if r is not None else None for r, t in zip(reps, (qb, kb, vb)))
-    kt = lambda t: t.transpose(-2, -1) if t is not None else None  # noqa: E731
-    d_logits = None
-    if dq is not None or dk is not None:
-        d_logits = product_delta(ctx, expand_base(qb), kt(expand_base(kb)), dq, kt(dk), torch.matmul) * scale
-    d_p = softmax_delta(expand_base(p0), d_logits, -1) if d_logits is not None else None
-    if d_p is not None:
-        d_p = torch.nan_to_num(d_p, nan=0.0)  # fully masked rows: no attention either way
-    return DenseDelta(product_delta(ctx, expand_base(p0), expand_base(vb), d_p, dv, torch.matmul))
+    return DenseDelta(attention_delta(ctx, qb, kb, vb, dq, dk, dv, scale, mask_b)[0])
+
+
+# ----------------------------------------------------------------------------- nn.MultiheadAttention
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+             "is_causal")
+
+
+class _MHA:
+    """One call of an ``nn.MultiheadAttention`` in the form the rules need: batch-first base inputs
+    (B, T, E), the projection weights split into q/k/v, the mask, and base intermediates (heads in
+    dim 1) made once per batch."""
+
+    def __init__(self, ctx, node):
+        m = ctx.module(node)
+        a = dict(zip(_MHA_ARGS, node.args))
+        a.update(node.kwargs)
+        self.ok = (not set(a) - set(_MHA_ARGS) and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn
+                   and not (m.training and m.dropout > 0) and a.get("key_padding_mask") is None
+                   and not ctx.value(a.get("is_causal", False)))
+        mask = ctx.value(a.get("attn_mask"))
+        self.ok = self.ok and (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2))
+        self.ok = self.ok and not (isinstance(a.get("attn_mask"), Node) and ctx.rep(a["attn_mask"]) is not None)
+        if not self.ok:
+            return
+        self.m, self.node, self.ctx = m, node, ctx
+        self.inputs = [a[n] for n in ("query", "key", "value")]
+        self.need_weights = bool(ctx.value(a.get("need_weights", True)))
+        self.average = bool(ctx.value(a.get("average_attn_weights", True)))
+        # In SDPA's convention (a bool mask marks the positions attended to; MHA's marks the others).
+        self.mask = (~mask if mask.dtype == torch.bool else mask) if mask is not None else None
+        self.heads, e = m.num_heads, m.embed_dim
+        self.hd = e // m.num_heads
+        self.scale = 1.0 / math.sqrt(self.hd)
+        w, b = m.in_proj_weight, m.in_proj_bias
+        self.w = [w[i * e:(i + 1) * e] for i in range(3)]
+        self.b = [b[i * e:(i + 1) * e] if b is not None else None for i in range(3)]
+        self.bases = [self.batch_first(ctx.base(t)) for t in self.inputs]
+
+    def batch_first(self, t):
+        return t if self.m.batch_first else t.transpose(0, 1)
+
+    def delta_batch_first(self, d):
+        """(B0, K, T0, E) delta of an input in the module's layout -> (B, K, T, E)."""
+        return d if self.m.batch_first else d.permute(2, 1, 0, 3)
+
+    def heads_of(self, t):
+        """(..., T, E) -> (..., H, T, hd)."""
+        return t.unflatten(-1, (self.heads, self.hd)).transpose(-3, -2)
+
+    def merge_heads(self, t):
+        return t.transpose(-3, -2).flatten(-2)
+
+    def projected(self):
+        """Base q, k, v (B, H, T, hd) and the attention output before out_proj (B, T, E)."""
+        def make():
+            q, k, v = (self.heads_of(F.linear(x, w, b)) for x, w, b in zip(self.bases, self.w, self.b))
+            logits = q @ k.transpose(-2, -1) * self.scale
+            if self.mask is not None:
+                logits = logits.masked_fill(~self.mask, float("-inf")) if self.mask.dtype == torch.bool \
+                    else logits + self.mask
+            return q, k, v, self.merge_heads(torch.softmax(logits, -1) @ v)
+        return self.ctx.base_cached((self.node, "mha"), make)
+
+    def outputs(self, d_qkv):
+        """The module's output representation(s) from the changes of q, k, v ((B, K, T, E) or None)."""
+        ctx, m = self.ctx, self.m
+        q, k, v, _ = self.projected()
+        dq, dk, dv = (self.heads_of(d) if d is not None else None for d in d_qkv)
+        d_o, d_p = attention_delta(ctx, q, k, v, dq, dk, dv, self.scale, self.mask)
+        d_y = delta_map(ctx.engine.delta_precision, F.linear, self.merge_heads(d_o), m.out_proj.weight)
+        return self.pack(d_y, d_p)
+
+    def pack(self, d_y, d_p):
+        out = DenseDelta(self.delta_batch_first(d_y))  # the permutation is its own inverse
+        if not self.need_weights:
+            return (out, None)
+        if d_p is None:
+            return (out, None)
+        return (out, DenseDelta(d_p.mean(2) if self.average else d_p))
+
+
+@rule(nn.MultiheadAttention, mixes_channels=True)
+def multihead_attention(ctx, node):
+    """``nn.MultiheadAttention`` with changed query/key/value: the in-projections act on the deltas,
+    then :func:`attention_delta` per head and the out-projection. (Masks fixed; no key padding mask,
+    bias_k/v, zero attention or active dropout: those take the exact fallback.)"""
+    mha = _MHA(ctx, node)
+    if not mha.ok:
+        return NotImplemented
+    reps = [ctx.rep(t) if isinstance(t, Node) else None for t in mha.inputs]
+    if any(isinstance(r, (DenseValue, tuple, list)) for r in reps):
+        return NotImplemented
+    prec = ctx.engine.delta_precision
+    d_qkv = [delta_map(prec, F.linear, mha.delta_batch_first(densify(r, ctx.base(t))), w) if r is not None else None
+             for r, t, w in zip(reps, mha.inputs, mha.w)]
+    return mha.outputs(d_qkv)
+
+
+@source_rule(nn.MultiheadAttention)
+def multihead_attention_source(ctx, node, path, param, idx, mu):
+    """``in_proj_weight[i, j] += mu`` changes feature ``i mod E`` of q, k or v (``i // E``) by
+    ``mu * x[..., j]`` (``in_proj_bias``: by mu); ``out_proj.weight[i, j]`` changes output feature i
+    by ``mu * o[..., j]`` with ``o`` the base attention output (``out_proj.bias``: by mu)."""
+    mha = _MHA(ctx, node)
+    if not mha.ok or path not in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+        return None
+    e, k = mha.m.embed_dim, idx.numel()
+    xb = mha.bases[0]
+    b, t = xb.shape[:2]
+    ks = torch.arange(k, device=idx.device)
+    if path.startswith("out_proj"):
+        if path == "out_proj.weight":
+            i, j = idx // e, idx % e
+            vals = mha.projected()[3].index_select(-1, j) * mu  # (B, T, K)
+        else:
+            i, vals = idx, xb.new_full((b, t, k), mu)
+        d_y = xb.new_zeros((b, k, t, e))
+        d_y.movedim(-1, 2)[:, ks, i] = vals.movedim(-1, 1)
+        return mha.pack(d_y, None)
+    row = idx // e if path == "in_proj_weight" else idx
+    which, feat = row // e, row % e
+    d_qkv = []
+    for w_i, x in enumerate(mha.bases):
+        sel = (which == w_i).nonzero().flatten()
+        if sel.numel() == 0:
+            d_qkv.append(None)
+            continue
+        vals = (x.index_select(-1, (idx % e)[sel]) * mu if path == "in_proj_weight"
+                else x.new_full((b, x.shape[1], sel.numel()), mu))  # (B, T, K_sel)
+        d = x.new_zeros((b, k, x.shape[1], e))
+        d.movedim(-1, 2)[:, sel, feat[sel]] = vals.movedim(-1, 1)
+        d_qkv.append(d)
+    return mha.outputs(d_qkv)
+
+
+multihead_attention_source.any_call = True  # checks its own call (three inputs, keyword flags)

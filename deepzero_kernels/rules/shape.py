@@ -238,3 +238,42 @@ def expand(ctx, node):
     if isinstance(rep, DenseValue):
         return DenseValue(broadcast_values(rep.values, xb, yb.shape))
     return DenseDelta(broadcast_values(densify(rep, xb), xb, yb.shape))
+
+
+@rule(torch.chunk, torch.split, torch.unbind, "chunk", "split", "unbind", "tensor_split", torch.tensor_split)
+def split(ctx, node):
+    """chunk / split / unbind along a non-batch dim: each piece's delta is that piece of the delta.
+    A one-channel delta split along channels stays one channel in every piece (zero in the pieces
+    that do not hold its channel)."""
+    if not only_first_changed(ctx, node):
+        return NotImplemented
+    x = first_input(node)
+    rep, xb, pieces = ctx.rep(x), ctx.base(x), ctx.base(node)
+    if not isinstance(pieces, (tuple, list)) or not pieces or isinstance(rep, (tuple, list)):
+        return NotImplemented
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    default_dim = 0
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else default_dim) if name != "unbind" \
+        else node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else default_dim)
+    dim = ctx.value(dim)
+    if not isinstance(dim, int) or xb.dim() < 1 or dim % xb.dim() == 0:
+        return NotImplemented  # a split of the batch
+    dim = dim % xb.dim()
+    sizes = [1 if name == "unbind" else p.shape[dim] for p in pieces]
+    if sum(sizes) != xb.shape[dim]:
+        return NotImplemented
+    if isinstance(rep, ChannelDelta) and dim == 1 and true_layout(rep, xb) and name != "unbind":
+        out, lo = [], 0
+        for p, s in zip(pieces, sizes):
+            inside = (rep.index >= lo) & (rep.index < lo + s)
+            shape = (1, -1) + (1,) * (rep.values.dim() - 2)
+            out.append(ChannelDelta((rep.index - lo).clamp(0, s - 1), rep.values * inside.reshape(shape).to(rep.values),
+                                    tuple(p.shape[1:])))
+            lo += s
+        return type(pieces)(out)
+    if isinstance(rep, ChannelDelta):
+        rep = DenseDelta(densify(rep, xb))
+    parts = torch.split(rep.values, sizes, dim + 1)  # the K dim sits at 1
+    if name == "unbind":
+        parts = [t.squeeze(dim + 1) for t in parts]
+    return type(pieces)(type(rep)(t) for t in parts)
