@@ -223,6 +223,11 @@ class DistributedCGE:
                                + ", ".join(f"rank {r}: {o[0].item():.17g}" for r, o in enumerate(out))
                                + "); all ranks must start from the same weights and apply the same updates")
 
+    @property
+    def last_report(self):
+        """This rank's :attr:`CGE.last_report <deepzero_kernels.CGE.last_report>`."""
+        return self.cge.last_report
+
     def estimate(self, x, y, masks=None, *, on_chunk=None) -> dict:
         params = self.cge.trainable()
         masks = check_masks(params, masks)

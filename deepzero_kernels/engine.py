@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -29,7 +30,7 @@ from .kernels import get as get_kernels
 from .ops import check_count, resolve_backend
 from .precision import check_delta_precision, full_fp32
 
-__all__ = ["DeltaEngine", "per_sample_cross_entropy", "default_memory_budget", "query_loss"]
+__all__ = ["DeltaEngine", "EngineReport", "per_sample_cross_entropy", "default_memory_budget", "query_loss"]
 
 _GiB = 1 << 30
 _CPU_CACHE_TARGET = 8 << 20  # bytes of one delta tensor that keep a chunk in a CPU's caches
@@ -117,6 +118,38 @@ def _live_bytes(reps: dict) -> int:
 def _map(v, fn):
     """Apply ``fn`` to every fx Node inside an argument structure."""
     return fx.node.map_arg(v, fn)
+
+
+@dataclass
+class EngineReport:
+    """How one call of the engine evaluated its perturbations, so a user can see why a model is slow.
+
+    ``path`` is ``"delta"`` (traced, deltas propagated by rules) or ``"functional"`` (whole-model
+    forwards, ``reason`` says why). ``fallback`` maps each graph node that had no delta rule for
+    its case (``"name (op)"``) to the perturbations it evaluated one by one on the exact per-node
+    fallback; ``whole_model`` counts perturbations evaluated with whole-model forwards."""
+    path: str = "delta"
+    reason: str = ""
+    perturbations: int = 0
+    fallback: dict = field(default_factory=dict)
+    whole_model: int = 0
+
+    @property
+    def fast(self) -> bool:
+        """Every perturbation ran on delta rules and fused kernels only."""
+        return self.path == "delta" and not self.fallback and not self.whole_model
+
+    def __str__(self) -> str:
+        if self.path != "delta":
+            return (f"{self.perturbations} perturbations on whole-model forwards (exact, slow): {self.reason}")
+        head = f"{self.perturbations} perturbations by delta rules"
+        if self.fast:
+            return head + ", no fallback"
+        parts = [f"{n}: {k}" for n, k in sorted(self.fallback.items(), key=lambda kv: -kv[1])]
+        text = head + (f"; per-node fallback (evaluations) at {', '.join(parts)}" if parts else "")
+        if self.whole_model:
+            text += f"; {self.whole_model} perturbations of parameters outside the trace by whole-model forwards"
+        return text
 
 
 class _Selected(nn.Module):
@@ -309,8 +342,10 @@ class DeltaEngine:
         self._constants: dict = {}
         self.num_loss_calls = 0
         self.num_loss_samples = 0  # samples passed to the loss over all calls
-        # Nodes evaluated by the dense per-perturbation fallback (no delta rule): for profiling.
+        # Perturbations evaluated by the dense per-node fallback (no delta rule), per node: over
+        # the engine's life, and for the last call in ``last_report``.
         self.fallback_counts = collections.Counter()
+        self.last_report = EngineReport()
         # Why the last call did not use the delta path ('' when it did): for users and tests.
         self.last_fallback_reason = ""
 
@@ -484,6 +519,7 @@ class DeltaEngine:
         indices). Returns ``(base_output, base_losses (B,), {name: (K_name, B) float64})``.
         Parameters are processed from the last layer to the first; buffers are restored."""
         # Precision is the engine's: values in full float32 (no TF32), see precision.py.
+        self.last_report = report = EngineReport(perturbations=sum(int(c.numel()) for c in coords.values()))
         with model_lock(self.model), preserved_buffers(self.model), full_fp32():
             check_no_dropout(self.model)
             self.modules = dict(self.root.named_modules())
@@ -507,6 +543,7 @@ class DeltaEngine:
                     why = "the traced forward does not reproduce model(x) bitwise"
                 self._warn_once(why, f"{why}; using the exact but slower batched functional evaluation.")
             self.last_fallback_reason = why
+            report.path, report.reason, report.whole_model = "functional", why, report.perturbations
             return self._run_functional(reference, x, targets, coords, mu, on_chunk)
 
     def _run_traced(self, graph, base, x, targets, coords, mu, on_chunk):
@@ -583,6 +620,7 @@ class DeltaEngine:
             self._warn_once(("unplaced",) + tuple(unplaced),
                             f"parameters {unplaced} were not found in the traced graph; they are "
                             "estimated with whole-model forwards (exact, slower).")
+            self.last_report.whole_model += sum(int(coords[nm].numel()) for nm in unplaced)
             _, _, more = self._run_functional(yb, x, targets, {nm: coords[nm] for nm in unplaced}, mu, on_chunk,
                                               base_loss=p.base_loss)
             result.update(more)

@@ -206,7 +206,8 @@ class CGE(_Estimator):
     ``last_num_queries`` calls of ``loss_fn`` (1 + number of chunks) carrying
     ``last_num_queried_samples`` samples (B * (1 + active coordinates)) in the last estimate;
     ``num_queries`` / ``num_queried_samples`` are running totals. (With the default loss the
-    perturbed losses are closed-form, so only the base call is a query.)
+    perturbed losses are closed-form, so only the base call is a query.) ``last_report`` says which
+    graph nodes, if any, ran on the slow per-node fallback.
     """
 
     def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None,
@@ -218,6 +219,14 @@ class CGE(_Estimator):
         self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size,
                                   backend=backend, output_fn=output_fn, strategy=strategy,
                                   delta_precision=delta_precision)
+
+    @property
+    def last_report(self):
+        """How the last :meth:`estimate` ran (:class:`~deepzero_kernels.engine.EngineReport`): the
+        delta path or whole-model forwards, and which graph nodes fell back to the exact per-node
+        evaluation and how many perturbations each cost. ``print(cge.last_report)`` explains a slow
+        model."""
+        return self.engine.last_report
 
     @_holding_model_lock
     def estimate(self, x, y, masks=None, *, on_chunk=None) -> dict:

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 
 from . import data as D
 from .estimators import CGE, RGE
-from .models import build_model
+from .models import ARCHITECTURES, build_model
 from .ops import check_mu
 from .pruning import layer_densities, prunable_weights, prune_masks, random_masks, zo_grasp_scores
 from .runtime import rss_bytes
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "deepzero_kernels.train/1"
-MODELS = ("cnn", "resnet20", "resnet32", "resnet44", "resnet56", "resnet18", "mobilenet_v2", "mlp")
+MODELS = ("cnn", *ARCHITECTURES, "mlp")
 # Flags that only change speed or display: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "out", "progress", "threads", "device", "backend", "memory_budget",
                "eval_batch_size", "dist_timeout", "check_every"}
@@ -104,7 +104,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="train and test sizes of the synthetic dataset")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=d(True),
                    help="disable CIFAR-10's random crop + flip (on by default)")
-    g.add_argument("--model", choices=MODELS, default=d("cnn"), help="network")
+    g.add_argument("--model", choices=MODELS, default=d("cnn"),
+                   help="network: cnn (App. B), mlp, or an architecture of deepzero_kernels.models at its "
+                        "standard CIFAR size")
     g.add_argument("--depth", type=int, default=d(2), help="conv blocks of the App. B CNN")
     g.add_argument("--width", type=int, default=d(16),
                    help="channels of the App. B CNN (MLP: hidden = 4 x width)")
@@ -743,6 +745,7 @@ class _Run:
     bn_forward: bool  # estimation leaves BN running stats alone: one plain forward updates them
     t_start: float = 0.0
     consistent: bool = True  # False mid-step: an interrupt there must not write a checkpoint
+    reported: bool = False  # the engine's report (fallback nodes) was printed, after the first step
 
 
 @dataclass
@@ -914,6 +917,9 @@ def _gradient(rc: _Run, state: TrainState, x, y, on_chunk=None) -> tuple:
     before = est.num_perturbations
     if rc.cfg["estimator"] == "cge":
         est.backward(x, y, masks=state.masks, **({} if on_chunk is None else {"on_chunk": on_chunk}))
+        if not rc.reported:  # once: which parts of the model run slowly, and why
+            rc.reported = True
+            rc.log(f"engine: {est.last_report}")
     else:
         est.backward(x, y, generator=state.gens["est"])
     perts = est.num_perturbations - before

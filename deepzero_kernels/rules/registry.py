@@ -34,7 +34,7 @@ class RuleContext(Protocol):
     """What a rule may read (the engine's per-batch state, see ``engine._Pass``)."""
     k: int                 # perturbations in the chunk
     reps: dict             # node -> representation of the chunk in flight
-    engine: Any            # the DeltaEngine (loss_fn, fallback_counts)
+    engine: Any            # the DeltaEngine (loss_fn, delta_precision, fallback_counts, last_report)
 
     def base(self, n) -> Any: ...                        # unperturbed value of a node (or n itself)
     def rep(self, n) -> Any: ...                         # representation of a node, None if unchanged
@@ -143,7 +143,10 @@ def fallback(ctx: RuleContext, node: Node, override=None):
     """Evaluate the node on each perturbation's inputs: vmap over K, else a plain loop; exact.
     ``override = (path, values (K, *shape))`` also replaces a parameter of the node's module
     per perturbation (see the engine's ``call``). ``None`` outputs stay ``None``."""
-    ctx.engine.fallback_counts[f"{node.op}:{getattr(node.target, '__name__', node.target)}"] += 1
+    engine = ctx.engine
+    label = fallback_label(node, ctx.module(node) if node.op == "call_module" else None)
+    engine.fallback_counts[label] += ctx.k
+    engine.last_report.fallback[label] = engine.last_report.fallback.get(label, 0) + ctx.k
     changed = [a for a in node.all_input_nodes if ctx.rep(a) is not None]
     perturbed = [ctx.perturbed_value(a) for a in changed]
     in_dims = [_kdims(ctx.base(a)) for a in changed]
@@ -168,6 +171,12 @@ def fallback(ctx: RuleContext, node: Node, override=None):
     for i, o in zip(keep, outs):
         reps[i] = DenseValue(o)
     return type(yb)(reps) if multi else reps[0]
+
+
+def fallback_label(node: Node, module=None) -> str:
+    """How a report names a node: its graph name and the op it runs."""
+    op = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({op})"
 
 
 # ----------------------------------------------------------------------------- helpers for rules
