@@ -17,8 +17,9 @@ are restored afterwards (BN running statistics are snapshotted and put back, so 
 * :func:`first_order` -- one forward + backward (time only);
 * :func:`rge_loop`   -- RGE's naive loop over q random directions.
 
-:func:`decompose` splits the two model families (App. B ``SimpleCNN``, ``CifarResNet``) and the
-``MLP`` into blocks whose inputs can be cached; any other model is one block.
+:func:`decompose` splits the project's models (App. B ``SimpleCNN``, ``CifarResNet``, the ``MLP`` and
+the ``features`` + ``forward_head`` architectures) into blocks whose inputs can be cached; any other
+model is one block.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def decompose(model: nn.Module) -> List[Block]:
     * CIFAR ResNet: the stem ``relu(bn1(conv1(x)))``, each ``BasicBlock``, the head
       ``pool -> flatten(1) -> fc``;
     * MLP: one block per Linear (+ its ReLU), the flatten folded into the first;
+    * a model with a ``features`` ``nn.Sequential`` and ``forward_head`` (MobileNetV2, EfficientNet,
+      DenseNet, ShuffleNetV2, ConvNeXt, ViT): each child of ``features``, then the head;
     * anything else: the whole model as one block.
     """
     from deepzero_kernels import models as M
@@ -87,7 +90,7 @@ def decompose(model: nn.Module) -> List[Block]:
     if isinstance(model, M.CifarResNet):
         stem = lambda x: F.relu(model.bn1(model.conv1(x)))  # noqa: E731
         blocks = [Block("stem", stem, _names([("conv1", model.conv1), ("bn1", model.bn1)]))]
-        for lname in ("layer1", "layer2", "layer3"):
+        for lname in (f"layer{i + 1}" for i in range(model.num_stages)):
             for j, blk in enumerate(getattr(model, lname)):
                 blocks.append(Block(f"{lname}.{j}", blk, _names([(f"{lname}.{j}", blk)])))
         head = lambda h: model.fc(model.pool(h).flatten(1))  # noqa: E731
@@ -103,6 +106,13 @@ def decompose(model: nn.Module) -> List[Block]:
             blocks.append(Block(f"net.{group[0][0]}-{group[-1][0]}",
                                 nn.Sequential(*[m for _, m in group]),
                                 _names([(f"net.{n}", m) for n, m in group])))
+        return blocks
+    if isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "forward_head"):
+        # The architectures of deepzero_kernels.models: every child of ``features`` (stem, blocks),
+        # then the head with the parameters outside ``features``.
+        blocks = [Block(f"features.{n}", m, _names([(f"features.{n}", m)])) for n, m in model.features.named_children()]
+        inside = {n for b in blocks for n in b.param_names}
+        blocks.append(Block("head", model.forward_head, [n for n, _ in model.named_parameters() if n not in inside]))
         return blocks
     return [Block("model", model, [n for n, _ in model.named_parameters()])]
 

@@ -9,6 +9,9 @@ views as ``(B, K*C, ...)`` for per-perturbation BatchNorm statistics, both witho
 * ``None``: the node is unchanged by every perturbation of the chunk;
 * :class:`ChannelDelta`: only one channel per perturbation changes (``index[k]`` along dim 1 of
   the tensor viewed as ``(B, C, *inner)``), by ``values[:, k]`` of shape ``(B, *inner)``;
+* :class:`FeatureDelta`: only one feature of the last dim changes per perturbation (a Linear's or
+  LayerNorm's own weight on ``(B, ..., D)`` token or NHWC inputs): ``index[k]``, by ``values[:, k]``
+  of shape ``(B, *base.shape[1:-1])``;
 * :class:`DenseDelta`: any change, the difference ``values`` of shape ``(B, K, *base.shape[1:])``;
 * :class:`DenseValue`: any change, given as the perturbed values themselves, same shape.
 
@@ -30,8 +33,8 @@ import torch
 
 from .formulas import relu_delta
 
-__all__ = ["ChannelDelta", "ChannelPreReLU", "DenseDelta", "DenseValue", "broadcast_values", "densify", "expand_base", "flat",
-           "gather_channels", "kdim", "to_values", "true_layout", "unflat"]
+__all__ = ["ChannelDelta", "ChannelPreReLU", "FeatureDelta", "DenseDelta", "DenseValue", "broadcast_values", "densify", "expand_base", "flat",
+           "gather_channels", "gather_features", "kdim", "to_values", "true_layout", "unflat"]
 
 
 @dataclass
@@ -55,6 +58,24 @@ class ChannelPreReLU(ChannelDelta):
     def materialize(self) -> ChannelDelta:
         x0, d = self.pre, self.values
         return ChannelDelta(self.index, relu_delta(x0, d), self.view)
+
+
+@dataclass
+class FeatureDelta:
+    """One feature of the last dim changed per perturbation: feature ``index[k]`` by ``values[:, k]``
+    (``(B, K, *lead)``, lead = the base's dims between the batch and the last). Rules that do not
+    declare ``accepts_feature_delta`` see it as a :class:`DenseDelta` (``registry.propagate``)."""
+    index: torch.Tensor   # (K,)
+    values: torch.Tensor  # (B, K, *lead)
+
+    @property
+    def k(self) -> int:
+        return self.index.shape[0]
+
+
+def gather_features(t: torch.Tensor, rep: FeatureDelta) -> torch.Tensor:
+    """Feature ``rep.index[k]`` (last dim) of base tensor ``t`` for every k: ``(B, K, *lead)``."""
+    return t.index_select(-1, rep.index).movedim(-1, 1)
 
 
 @dataclass
@@ -90,6 +111,11 @@ def densify(rep, base: torch.Tensor) -> torch.Tensor:
         return rep.values
     if isinstance(rep, DenseValue):
         return rep.values - expand_base(base)
+    if isinstance(rep, FeatureDelta):
+        b, k = rep.values.shape[:2]
+        full = rep.values.new_zeros(tuple(base.shape[:1]) + (k,) + tuple(base.shape[1:]))
+        full.movedim(-1, 2)[:, torch.arange(k, device=full.device), rep.index] = rep.values
+        return full
     if isinstance(rep, ChannelPreReLU):
         rep = rep.materialize()
     b, k = rep.values.shape[:2]

@@ -7,9 +7,9 @@ the fused-kernel references and the cost model. A leaf: imports nothing of the p
 * BatchNorm / LayerNorm: :func:`bn_running_scale` and the exact change under batch (or
   per-position) statistics :func:`batch_norm_delta`;
 * activations: exact differences ``f(x0 + d) - f(x0)`` that do not cancel: :func:`relu_delta`,
-  :func:`clamp_delta`, :func:`leaky_relu_delta`, :func:`sigmoid_delta`, :func:`tanh_delta`,
-  :func:`silu_delta`, :func:`hardsigmoid_delta`, :func:`hardswish_delta`, and
-  :func:`promoted_delta` (the difference taken in float64) for any other function;
+  :func:`clamp_delta`, :func:`leaky_relu_delta`, :func:`hardsigmoid_delta`, :func:`hardswish_delta`
+  (piecewise linear, exact in float32), and :func:`promoted_delta` (the difference taken in float64)
+  for smooth functions (sigmoid, tanh, SiLU, GELU, ...);
 * :func:`softmax_delta`, :func:`log_softmax_delta`: the change of a softmax from its base output;
 * the loss: :func:`cross_entropy_delta`, the closed-form change of cross-entropy at the logits.
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 __all__ = ["pair", "conv_padding", "conv_out_size", "pool_out", "conv_weight_coords", "conv2d_weight_delta",
            "linear_weight_delta", "bn_running_scale", "batch_norm_delta", "relu_delta", "clamp_delta", "clamp_delta_terms", "clamp_delta_from",
-           "leaky_relu_delta", "sigmoid_delta", "tanh_delta", "silu_delta", "hardsigmoid_delta", "hardswish_delta",
+           "leaky_relu_delta", "hardsigmoid_delta", "hardswish_delta", "promoted_terms", "promoted_delta_from",
            "promoted_delta", "softmax_delta", "log_softmax_delta", "cross_entropy_delta"]
 
 
@@ -178,29 +178,6 @@ def leaky_relu_delta(x0: torch.Tensor, d: torch.Tensor, slope: float) -> torch.T
     return d * slope + relu_delta(x0, d) * (1 - slope)
 
 
-def _finite_or(out: torch.Tensor, direct) -> torch.Tensor:
-    """``out`` where finite, else the plain difference (an overflowing expm1 of a huge delta)."""
-    bad = ~torch.isfinite(out)
-    return torch.where(bad, direct(), out) if bool(bad.any()) else out
-
-
-def sigmoid_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``s(x0 + d) - s(x0) = s (1 - s) expm1(d) / ((1 - s) + s exp(d))`` with ``s = sigmoid(x0)``
-    and ``1 - s = sigmoid(-x0)``: no term cancels (the denominator is a sum of positives)."""
-    s, r = torch.sigmoid(x0), torch.sigmoid(-x0)
-    return _finite_or(s * r * torch.expm1(d) / (r + s * torch.exp(d)), lambda: torch.sigmoid(x0 + d) - s)
-
-
-def tanh_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``tanh(x) = 2 sigmoid(2x) - 1``."""
-    return 2 * sigmoid_delta(2 * x0, 2 * d)
-
-
-def silu_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Product rule on ``x sigmoid(x)``: ``d sigmoid(x0 + d) + x0 (sigmoid(x0 + d) - sigmoid(x0))``."""
-    return d * torch.sigmoid(x0 + d) + x0 * sigmoid_delta(x0, d)
-
-
 def hardsigmoid_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``relu6(x + 3) / 6``."""
     return clamp_delta(x0 + 3, d, 0.0, 6.0) / 6
@@ -212,14 +189,23 @@ def hardswish_delta(x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return d * (torch.clamp(x0 + 3, 0, 6) / 6 + dg) + x0 * dg
 
 
-def promoted_delta(fn, x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``fn(x0 + d) - fn(x0)`` for an elementwise ``fn`` without a closed form here (GELU, ELU,
-    Mish, softplus, ...), taken in float64: the cancellation costs ~1e-16 of the values, far
-    below a float32 delta's own rounding. Float64 inputs get the plain difference."""
-    if x0.dtype == torch.float64:
-        return fn(x0 + d) - fn(x0)
+def promoted_terms(fn, x0: torch.Tensor) -> tuple:
+    """Base-only terms of :func:`promoted_delta_from`: ``(x0, fn(x0))`` in float64 (once per batch)."""
     x64 = x0.double()
-    return (fn(x64 + d.double()) - fn(x64)).to(d.dtype)
+    return x64, fn(x64)
+
+
+def promoted_delta_from(fn, terms: tuple, d: torch.Tensor) -> torch.Tensor:
+    """``fn(x0 + d) - fn(x0)`` for a smooth elementwise ``fn`` (sigmoid, tanh, SiLU, GELU, ELU, Mish,
+    softplus, ...), taken in float64: the cancellation costs ~1e-16 of the values, far below a float32
+    delta's own rounding. (Measured on this CPU, this is 2-4x faster than closed forms such as
+    ``s(1-s) expm1(d) / ((1-s) + s e^d)`` evaluated op by op in float32.)"""
+    x64, f0 = terms
+    return (fn(x64 + d.double()) - f0).to(d.dtype)
+
+
+def promoted_delta(fn, x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return promoted_delta_from(fn, promoted_terms(fn, x0), d)
 
 
 def softmax_delta(s0: torch.Tensor, d: torch.Tensor, dim: int) -> torch.Tensor:

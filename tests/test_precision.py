@@ -39,12 +39,14 @@ ELEMENTWISE = [
     ("relu6", lambda x, d: fm.clamp_delta(x, d, 0.0, 6.0), F.relu6),
     ("hardtanh", lambda x, d: fm.clamp_delta(x, d, -1.0, 1.0), F.hardtanh),
     ("leaky_relu", lambda x, d: fm.leaky_relu_delta(x, d, 0.1), lambda t: F.leaky_relu(t, 0.1)),
-    ("sigmoid", fm.sigmoid_delta, torch.sigmoid),
-    ("tanh", fm.tanh_delta, torch.tanh),
-    ("silu", fm.silu_delta, F.silu),
+    ("sigmoid", lambda x, d: fm.promoted_delta(torch.sigmoid, x, d), torch.sigmoid),
+    ("tanh", lambda x, d: fm.promoted_delta(torch.tanh, x, d), torch.tanh),
+    ("silu", lambda x, d: fm.promoted_delta(F.silu, x, d), F.silu),
     ("hardsigmoid", fm.hardsigmoid_delta, F.hardsigmoid),
     ("hardswish", fm.hardswish_delta, F.hardswish),
-    ("gelu (promoted)", lambda x, d: fm.promoted_delta(F.gelu, x, d), F.gelu),
+    ("gelu", lambda x, d: fm.promoted_delta(F.gelu, x, d), F.gelu),
+    ("gelu tanh", lambda x, d: fm.promoted_delta(lambda t: F.gelu(t, approximate="tanh"), x, d),
+     lambda t: F.gelu(t, approximate="tanh")),
     ("elu (promoted)", lambda x, d: fm.promoted_delta(F.elu, x, d), F.elu),
 ]
 
@@ -68,10 +70,13 @@ def test_activation_delta_exact_in_float64_at_any_size(name, formula, fn):
     torch.testing.assert_close(formula(x0, d), fn(x0 + d) - fn(x0), rtol=1e-12, atol=1e-12)
 
 
-def test_sigmoid_delta_survives_huge_changes():
-    x0 = torch.tensor([0.0, 5.0, -5.0])
-    d = torch.tensor([200.0, -300.0, 1e4])
-    torch.testing.assert_close(fm.sigmoid_delta(x0, d), torch.sigmoid(x0 + d) - torch.sigmoid(x0))
+def test_smooth_activation_delta_survives_huge_changes():
+    x0 = torch.tensor([0.0, 5.0, -5.0, 120.0, -120.0, 120.0, -120.0, 30.0])
+    d = torch.tensor([200.0, -300.0, 1e4, -300.0, 300.0, 1.0, -1.0, -1e-3])
+    for fn in (torch.sigmoid, torch.tanh, F.silu, F.gelu):
+        got = fm.promoted_delta(fn, x0, d)
+        assert torch.isfinite(got).all(), fn
+        torch.testing.assert_close(got, (fn(x0.double() + d.double()) - fn(x0.double())).float(), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("log", [False, True])

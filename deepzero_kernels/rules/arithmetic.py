@@ -6,8 +6,8 @@ import operator
 import torch
 from torch.fx import Node
 
-from ..deltas import (ChannelDelta, DenseDelta, DenseValue, broadcast_values, densify, expand_base, gather_channels,
-                      to_values, true_layout)
+from ..deltas import (ChannelDelta, DenseDelta, DenseValue, FeatureDelta, broadcast_values, densify, expand_base,
+                      gather_channels, gather_features, to_values, true_layout)
 from .registry import rule
 
 
@@ -35,7 +35,7 @@ def _binary(ctx, node, sign: float):
         rb = _negate(rb)
     if ra is None or rb is None:  # the delta of a sum with an unchanged operand
         return ra if rb is None else rb
-    if (isinstance(ra, ChannelDelta) and isinstance(rb, ChannelDelta) and ra.view == rb.view
+    if (type(ra) is ChannelDelta and type(rb) is ChannelDelta and ra.view == rb.view
             and (ra.index is rb.index or torch.equal(ra.index, rb.index))):
         return ChannelDelta(ra.index, ra.values + rb.values, ra.view)
     return DenseDelta(densify(ra, base_a) + densify(rb, base_b))
@@ -48,17 +48,17 @@ def _broadcast(rep, base, yb):
     return DenseDelta(broadcast_values(densify(rep, base), base, yb.shape))
 
 
-@rule(operator.add, operator.iadd, torch.add, "add", "add_")
+@rule(operator.add, operator.iadd, torch.add, "add", "add_", feature_delta=True)
 def add(ctx, node):
     return _binary(ctx, node, 1.0)
 
 
-@rule(operator.sub, operator.isub, torch.sub, "sub", "sub_")
+@rule(operator.sub, operator.isub, torch.sub, "sub", "sub_", feature_delta=True)
 def sub(ctx, node):
     return _binary(ctx, node, -1.0)
 
 
-@rule(operator.mul, operator.imul, torch.mul, "mul", "mul_")
+@rule(operator.mul, operator.imul, torch.mul, "mul", "mul_", feature_delta=True)
 def mul(ctx, node):
     """``a * b``: scaling by a number scales the delta; the product of tensors follows the product
     rule ``d(ab) = da b + a db + da db`` (exact), with a one-channel delta kept one channel when
@@ -95,6 +95,8 @@ def mul(ctx, node):
             return DenseValue(r.values * other)
         if isinstance(r, ChannelDelta) and true_layout(r, yb) and r_base.shape == yb.shape:
             return ChannelDelta(r.index, r.values * gather_channels(other_base.expand(yb.shape), r), r.view)
+        if isinstance(r, FeatureDelta) and r_base.shape == yb.shape:  # layer scale on tokens / NHWC
+            return FeatureDelta(r.index, r.values * gather_features(other_base.expand(yb.shape), r))
         return DenseDelta(densify(r, r_base) * other)
     if isinstance(ra, DenseValue) or isinstance(rb, DenseValue):
         return DenseValue(to_values(ra, ba) * to_values(rb, bb))
@@ -114,6 +116,8 @@ def _factor(base, yb):
 def _scaled(r, s):
     if isinstance(r, ChannelDelta):
         return ChannelDelta(r.index, r.values * s, r.view)
+    if isinstance(r, FeatureDelta):
+        return FeatureDelta(r.index, r.values * s)
     return type(r)(r.values * s)
 
 
@@ -124,4 +128,6 @@ def _operand(v):
 def _negate(rep):
     if isinstance(rep, ChannelDelta):
         return ChannelDelta(rep.index, -rep.values, rep.view)
+    if isinstance(rep, FeatureDelta):
+        return FeatureDelta(rep.index, -rep.values)
     return DenseDelta(-rep.values)

@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deltas import ChannelDelta, ChannelPreReLU, DenseDelta, DenseValue, expand_base, gather_channels
+from ..deltas import (ChannelDelta, ChannelPreReLU, DenseDelta, DenseValue, FeatureDelta, expand_base, gather_channels,
+                      gather_features)
 from ..formulas import (clamp_delta, clamp_delta_from, clamp_delta_terms, hardsigmoid_delta, hardswish_delta,
-                        leaky_relu_delta, promoted_delta, relu_delta, sigmoid_delta, silu_delta, tanh_delta)
+                        leaky_relu_delta, promoted_delta_from, promoted_terms, relu_delta)
 from ..graph import DROPOUT_FUNCS, dropout_active
 from .registry import as_function, find_rule, first_input, only_first_changed, rule
 
@@ -23,21 +24,21 @@ _ACTIVATION_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu, F.gelu, F.silu, F.elu
                          torch.sigmoid, F.tanh, F.sigmoid)
 
 
-@rule(nn.Identity, "contiguous")
+@rule(nn.Identity, "contiguous", feature_delta=True)
 def identity(ctx, node):
     if not only_first_changed(ctx, node):
         return NotImplemented
     return ctx.rep(first_input(node))
 
 
-@rule(nn.modules.dropout._DropoutNd)
+@rule(nn.modules.dropout._DropoutNd, feature_delta=True)
 def dropout_module(ctx, node):
     """Dropout in eval mode (or p=0) is the identity; an active one is refused by the engine."""
     m = ctx.module(node)
     return identity(ctx, node) if not m.training or m.p == 0 else NotImplemented
 
 
-@rule(*DROPOUT_FUNCS)
+@rule(*DROPOUT_FUNCS, feature_delta=True)
 def dropout_function(ctx, node):
     return NotImplemented if dropout_active(node) else identity(ctx, node)
 
@@ -57,6 +58,17 @@ def _bound_args(node, ctx) -> dict:
         return {}
     bound.apply_defaults()
     return dict(list(bound.arguments.items())[1:])
+
+
+class SplitFormula:
+    """A difference formula in two parts: ``terms(x0)`` from the base input alone (computed once per
+    batch for a dense delta) and ``from_terms(terms, d)`` per chunk."""
+
+    def __init__(self, terms, from_terms):
+        self.terms, self.from_terms = terms, from_terms
+
+    def __call__(self, x0, d):
+        return self.from_terms(self.terms(x0), d)
 
 
 def delta_formula(ctx, node):
@@ -87,18 +99,19 @@ def delta_formula(ctx, node):
     closed = _CLOSED.get(kind)
     if closed is not None:
         return closed
-    return functools.partial(promoted_delta, as_function(ctx, node))
+    fn = as_function(ctx, node)  # smooth: the difference in float64
+    return SplitFormula(functools.partial(promoted_terms, fn), functools.partial(promoted_delta_from, fn))
 
 
 _KINDS = {F.relu: F.relu, torch.relu: F.relu, "relu": F.relu, "relu_": F.relu, F.relu6: F.relu6,
           F.hardtanh: F.hardtanh, F.leaky_relu: F.leaky_relu, torch.sigmoid: nn.Sigmoid, F.sigmoid: nn.Sigmoid,
           "sigmoid": nn.Sigmoid, torch.tanh: nn.Tanh, F.tanh: nn.Tanh, "tanh": nn.Tanh, F.silu: nn.SiLU,
           F.hardsigmoid: nn.Hardsigmoid, F.hardswish: nn.Hardswish}
-_CLOSED = {nn.Sigmoid: sigmoid_delta, nn.Tanh: tanh_delta, nn.SiLU: silu_delta, nn.Hardsigmoid: hardsigmoid_delta,
-           nn.Hardswish: hardswish_delta}
+# Piecewise-linear activations have exact float32 formulas; smooth ones take the float64 difference.
+_CLOSED = {nn.Hardsigmoid: hardsigmoid_delta, nn.Hardswish: hardswish_delta}
 
 
-@rule(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, "relu", "relu_", "tanh", "sigmoid")
+@rule(*_ACTIVATION_MODULES, *_ACTIVATION_FUNCTIONS, "relu", "relu_", "tanh", "sigmoid", feature_delta=True)
 def activation(ctx, node):
     """A one-channel delta stays one channel; a dense delta stays a delta (exact formulas from the
     base input, :func:`delta_formula`); perturbed values (after a fallback) stay values."""
@@ -114,6 +127,11 @@ def activation(ctx, node):
         if bounds is not None:  # ReLU, ReLU6, Hardtanh: base-only terms once per batch
             terms = ctx.base_cached((node, "clamp"), lambda: clamp_delta_terms(expand_base(xb), *bounds))
             return DenseDelta(clamp_delta_from(terms, rep.values))
+        if isinstance(formula, SplitFormula):  # smooth activations: base terms once per batch
+            terms = ctx.base_cached((node, "terms"), lambda: formula.terms(expand_base(xb)))
+            return DenseDelta(formula.from_terms(terms, rep.values))
+    if isinstance(rep, FeatureDelta):
+        return FeatureDelta(rep.index, formula(gather_features(xb, rep), rep.values))
     if isinstance(rep, ChannelDelta):
         x0, d = gather_channels(xb, rep), rep.values
         if _is_plain_relu(ctx, node):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deltas import ChannelDelta, DenseDelta, DenseValue, densify, flat, true_layout, unflat
+from ..deltas import ChannelDelta, DenseDelta, DenseValue, FeatureDelta, densify, flat, true_layout, unflat
 from ..formulas import conv2d_weight_delta, conv_padding, linear_weight_delta, pair
 from ..precision import delta_map
 from .registry import first_input, only_first_changed, rule, source_rule
@@ -81,6 +81,10 @@ def _linear(ctx, node, weight, bias):
     x = first_input(node)
     rep, xb = ctx.rep(x), ctx.base(x)
     prec = ctx.engine.delta_precision
+    if isinstance(rep, FeatureDelta):  # one input feature per token: a rank-1 update, no matmul
+        w = weight.t()[rep.index]  # (K, N_out)
+        w = w.reshape((1, rep.k) + (1,) * (rep.values.dim() - 2) + (weight.shape[0],))
+        return DenseDelta(rep.values.unsqueeze(-1) * w)
     if isinstance(rep, ChannelDelta) and xb.dim() == 2:
         c = rep.index
         if len(rep.view) == 1:  # one input coordinate: a rank-1 update
@@ -92,7 +96,7 @@ def _linear(ctx, node, weight, bias):
     return DenseDelta(delta_map(prec, F.linear, densify(rep, xb), weight))
 
 
-@rule(nn.Linear, mixes_channels=True)
+@rule(nn.Linear, mixes_channels=True, feature_delta=True)
 def linear_module(ctx, node):
     if not only_first_changed(ctx, node):
         return NotImplemented
@@ -100,7 +104,7 @@ def linear_module(ctx, node):
     return _linear(ctx, node, m.weight, m.bias)
 
 
-@rule(F.linear, mixes_channels=True)
+@rule(F.linear, mixes_channels=True, feature_delta=True)
 def linear_function(ctx, node):
     if not only_first_changed(ctx, node):
         return NotImplemented
@@ -129,8 +133,8 @@ def conv_source(ctx, node, path, param, idx, mu):
 @source_rule(nn.Linear)
 def linear_source(ctx, node, path, param, idx, mu):
     """``W[i,j] += mu`` changes output coordinate i by ``mu * x[..., j]``; ``b[i] += mu`` by mu.
-    On ``(B, T, D)`` inputs the changed coordinate is the last dim, not a channel: the delta is
-    dense, but still costs no matmul."""
+    On ``(B, T, D)`` inputs the changed coordinate is a feature of the last dim at every token
+    (:class:`FeatureDelta`)."""
     xb, yb = ctx.base(node.args[0]), ctx.base(node)
     if xb.dim() < 2:
         return None
@@ -138,10 +142,7 @@ def linear_source(ctx, node, path, param, idx, mu):
         k = idx.numel()
         i, vals = (linear_weight_delta(xb, param.shape, idx, mu) if path == "weight"
                    else (idx, yb.new_full(tuple(yb.shape[:-1]) + (k,), mu)))  # vals (B, ..., K)
-        full = yb.new_zeros((yb.shape[0], k) + tuple(yb.shape[1:]))
-        ks = torch.arange(k, device=full.device)
-        full.movedim(-1, 2)[:, ks, i] = vals.movedim(-1, 1)  # (B, K, N_out, ...) view, set coordinate i[k]
-        return DenseDelta(full)
+        return FeatureDelta(i, vals.movedim(-1, 1))
     if path == "weight":
         i, vals = linear_weight_delta(xb, param.shape, idx, mu)
         return ChannelDelta(i, vals, tuple(yb.shape[1:]))

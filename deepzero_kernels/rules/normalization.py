@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..deltas import (ChannelDelta, DenseDelta, DenseValue, broadcast_values, densify, expand_base, flat,
+from ..deltas import (ChannelDelta, DenseDelta, DenseValue, FeatureDelta, broadcast_values, densify, expand_base, flat,
                       gather_channels, true_layout, unflat)
 from ..formulas import batch_norm_delta, bn_running_scale
 from .registry import first_input, only_first_changed, rule, source_rule
@@ -148,6 +148,8 @@ def layer_norm_source(ctx, node, path, param, idx, mu):
         vals = x_norm.flatten(xb.dim() - nd).index_select(-1, idx) * mu  # (*lead, K)
     if xb.dim() == 2 and nd == 1:
         return ChannelDelta(idx, vals, tuple(yb.shape[1:]))
+    if nd == 1:  # one feature at every position
+        return FeatureDelta(idx, vals.movedim(-1, 1))
     lead = tuple(xb.shape[:xb.dim() - nd])
     full = yb.new_zeros((xb.shape[0], k) + lead[1:] + (math.prod(m.normalized_shape),))
     ks = torch.arange(k, device=full.device)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Node
 
-from ..deltas import ChannelPreReLU, DenseValue, kdim
+from ..deltas import ChannelPreReLU, DenseDelta, DenseValue, FeatureDelta, densify, kdim
 from ..functional import has_hooks, vmap_or_loop
 
 __all__ = ["RuleContext", "rule", "source_rule", "find_rule", "find_source_rule", "mixes_channels", "propagate",
@@ -55,9 +55,13 @@ _MIXING_MODULES: list = []
 _MIXING_FUNCTIONS: set = set()
 
 
-def rule(*targets, mixes_channels: bool = False):
-    """Register the decorated ``rule(ctx, node)`` for module classes, functions and method names."""
+def rule(*targets, mixes_channels: bool = False, feature_delta: bool = False):
+    """Register the decorated ``rule(ctx, node)`` for module classes, functions and method names.
+    ``feature_delta=True``: the rule handles :class:`~deepzero_kernels.deltas.FeatureDelta` inputs
+    (others receive them densified)."""
     def register(fn):
+        if feature_delta:
+            fn.accepts_feature_delta = True
         for t in targets:
             if isinstance(t, str):
                 _METHOD_RULES[t] = fn
@@ -123,15 +127,18 @@ def propagate(ctx: RuleContext, node: Node):
     module = ctx.module(node) if node.op == "call_module" else None
     if module is not None and has_hooks(module):
         return fallback(ctx, node)  # the module's hooks must run: evaluate it as the model would
+    fn = find_rule(node, module)
+    # Lazy representations only reach the rules that declare they handle them; the others (and the
+    # fused chains) see their dense or one-channel equivalent.
+    for a in node.all_input_nodes:
+        r = ctx.reps.get(a)
+        if isinstance(r, ChannelPreReLU) and not getattr(fn, "accepts_pre_relu", False):
+            ctx.reps[a] = r.materialize()
+        elif isinstance(r, FeatureDelta) and not getattr(fn, "accepts_feature_delta", False):
+            ctx.reps[a] = DenseDelta(densify(r, ctx.base(a)))
     out = ctx.fused(node)
     if out is not NotImplemented:
         return out
-    fn = find_rule(node, module)
-    if not getattr(fn, "accepts_pre_relu", False):
-        for a in node.all_input_nodes:
-            r = ctx.reps.get(a)
-            if isinstance(r, ChannelPreReLU):
-                ctx.reps[a] = r.materialize()
     if fn is not None:
         out = fn(ctx, node)
         if out is not NotImplemented:

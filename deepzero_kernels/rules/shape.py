@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from ..deltas import (ChannelDelta, DenseDelta, DenseValue, broadcast_values, densify, expand_base, flat, kdim, to_values,
-                      true_layout, unflat)
+from ..deltas import (ChannelDelta, DenseDelta, DenseValue, FeatureDelta, broadcast_values, densify, expand_base, flat,
+                      kdim, to_values, true_layout, unflat)
 from .registry import first_input, only_first_changed, rule
 
 
@@ -180,7 +180,7 @@ def reduce_mean_sum(ctx, node):
 
 
 @rule(torch.transpose, torch.permute, "transpose", "permute", "unsqueeze", torch.unsqueeze, torch.roll, "roll",
-      "swapaxes", torch.swapaxes, "movedim", torch.movedim)
+      "swapaxes", torch.swapaxes, "movedim", torch.movedim, feature_delta=True)
 def move_dims(ctx, node):
     """Ops that only move elements (transpose, permute, unsqueeze, roll, ...) are linear: the same op
     on each perturbation's delta, i.e. on the K-major view with every dim shifted by one."""
@@ -193,7 +193,16 @@ def move_dims(ctx, node):
     name = node.target if isinstance(node.target, str) else node.target.__name__
     args = [ctx.value(a) for a in node.args[1:]]
     kwargs = {k: ctx.value(v) for k, v in node.kwargs.items()}
-    if isinstance(rep, ChannelDelta):
+    if name == "permute" and isinstance(rep, (ChannelDelta, FeatureDelta)) and xb.dim() >= 3:
+        # NCHW <-> NHWC (ConvNeXt, Swin): a one-channel delta becomes a one-feature delta and back.
+        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args or kwargs.get("dims")
+        dims = [d % xb.dim() for d in dims] if isinstance(dims, (list, tuple)) else None
+        n = xb.dim()
+        if type(rep) is ChannelDelta and true_layout(rep, xb) and dims == [0, *range(2, n), 1]:
+            return FeatureDelta(rep.index, rep.values)
+        if isinstance(rep, FeatureDelta) and dims == [0, n - 1, *range(1, n - 1)]:
+            return ChannelDelta(rep.index, rep.values, tuple(yb.shape[1:]))
+    if isinstance(rep, (ChannelDelta, FeatureDelta)):
         rep = DenseDelta(densify(rep, xb))
     shift = lambda d: d % xb.dim() + 1  # noqa: E731  a dim of the base -> of the K-major view
     try:
