@@ -169,7 +169,8 @@ def format_table(s: dict) -> str:
                 f"{_fmt(r.get('time_s')):>9} {_fmt(r.get('pert_per_s')):>10} "
                 f"{_fmt(r.get('efficiency'), '.2f'):>6} {_fmt(sv.get('reference')):>8} "
                 f"{_fmt(sv.get('no_reuse')):>9} {_fmt(sv.get('vmap')):>8} {_fmt(sv.get('fo')):>8} "
-                f"{_fmt(sv.get('loop')):>8}")
+                f"{_fmt(sv.get('loop')):>8}"
+                + (f"  fallback evals {r['fallback_evaluations']}" if "fallback_evaluations" in r else ""))
         for m, e in wl["engine"].items():
             if e.get("dense_speedup_vs"):
                 d = e["dense_speedup_vs"]

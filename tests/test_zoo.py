@@ -982,3 +982,50 @@ def test_report_names_the_fallback_nodes_and_their_cost():
         cge.estimate(x, y)
     assert cge.last_report.path == "functional" and "could not trace" in str(cge.last_report)
     assert cge.last_report.whole_model == sum(p.numel() for p in model.parameters())
+
+
+def stochastic_depth(input, p, mode, training=True):
+    """A stand-in for torchvision.ops.stochastic_depth (torchvision cannot be installed here): same
+    module, name, signature and fx leaf status; the identity unless training with p > 0."""
+    if not training or p == 0.0:
+        return input
+    keep = torch.empty((input.shape[0],) + (1,) * (input.dim() - 1), dtype=input.dtype).bernoulli_(1 - p)
+    return input * keep / (1 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+class TorchvisionStochasticDepth(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        h = h + stochastic_depth(self.c2(h), self.p, "row", self.training)
+        return self.head(h.mean([2, 3]))
+
+
+@pytest.mark.parametrize("p,train", [(0.0, True), (0.5, False)], ids=["p0-train", "p0.5-eval"])
+def test_torchvision_stochastic_depth_is_identity_without_fallback(p, train):
+    torch.manual_seed(3)
+    model = TorchvisionStochasticDepth(p).to(DT).train(train)
+    x, y = _images(4, 2, 5), _targets(4, 3)
+    ref = naive_cge(model, x, y, MU)
+    cge = make_cge(model, "torch")
+    est = cge.estimate(x, y)
+    assert cge.last_report.fast, str(cge.last_report)
+    assert any(n.op == "call_function" and n.target is stochastic_depth
+               for n in torch.fx.symbolic_trace(model).graph.nodes), "not a leaf: the test would not test the rule"
+    compare(est, ref, f"stochastic_depth p={p}")
+
+
+def test_torchvision_stochastic_depth_active_is_refused():
+    model = TorchvisionStochasticDepth(0.5).to(DT).train()
+    with pytest.raises(ValueError, match="random"):
+        make_cge(model, "torch").estimate(_images(4, 2, 5), _targets(4, 3))

@@ -43,6 +43,16 @@ def dropout_function(ctx, node):
     return NotImplemented if dropout_active(node) else identity(ctx, node)
 
 
+@rule(("torchvision.ops.stochastic_depth", "stochastic_depth"), feature_delta=True)
+def stochastic_depth(ctx, node):
+    """torchvision's ``stochastic_depth(input, p, mode, training=True)`` (an fx leaf there): the
+    identity in eval mode or with ``p = 0``; an active one draws random numbers and is refused."""
+    a = dict(zip(("input", "p", "mode", "training"), node.args))
+    a.update(node.kwargs)
+    p, training = ctx.value(a.get("p")), ctx.value(a.get("training", True))
+    return identity(ctx, node) if not training or p == 0 else NotImplemented
+
+
 def _is_plain_relu(ctx, node) -> bool:
     if node.op == "call_module":
         return type(ctx.module(node)) is nn.ReLU

@@ -8,7 +8,8 @@ handled, evaluate the node densely). Register it for the ops it covers::
     def activation(ctx, node): ...
 
 Module classes match by ``isinstance`` (the most recently registered match wins), functions by
-identity, strings name ``Tensor`` methods. ``mixes_channels=True`` marks ops that spread a
+identity, strings name ``Tensor`` methods, ``("package.module", "name")`` names a function of a
+package the project does not import (torchvision's ``stochastic_depth``). ``mixes_channels=True`` marks ops that spread a
 one-channel delta over every channel (the FLOP cost model reads it).
 
 A *source rule* gives the representation at a node where the perturbed parameter enters, for a
@@ -49,6 +50,7 @@ class RuleContext(Protocol):
 
 _MODULE_RULES: list = []      # (module class, rule), searched newest first
 _FUNCTION_RULES: dict = {}    # function -> rule
+_NAMED_RULES: dict = {}       # (module, name) of a function in a package we do not import -> rule
 _METHOD_RULES: dict = {}      # Tensor method name -> rule
 _SOURCE_RULES: list = []      # (module class, source rule)
 _MIXING_MODULES: list = []
@@ -65,6 +67,8 @@ def rule(*targets, mixes_channels: bool = False, feature_delta: bool = False):
         for t in targets:
             if isinstance(t, str):
                 _METHOD_RULES[t] = fn
+            elif isinstance(t, tuple) and len(t) == 2 and all(isinstance(e, str) for e in t):
+                _NAMED_RULES[t] = fn
             elif isinstance(t, type) and issubclass(t, nn.Module):
                 _MODULE_RULES.insert(0, (t, fn))
                 if mixes_channels:
@@ -97,9 +101,12 @@ def find_rule(node: Node, module=None):
         return _by_class(_MODULE_RULES, module)
     if node.op == "call_function":
         try:
-            return _FUNCTION_RULES.get(node.target)
+            fn = _FUNCTION_RULES.get(node.target)
         except TypeError:  # an unhashable callable
             return None
+        if fn is None and _NAMED_RULES:
+            fn = _NAMED_RULES.get((getattr(node.target, "__module__", None), getattr(node.target, "__name__", None)))
+        return fn
     if node.op == "call_method":
         return _METHOD_RULES.get(node.target)
     return None
