@@ -211,9 +211,9 @@ def promoted_delta(fn, x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 def softmax_delta(s0: torch.Tensor, d: torch.Tensor, dim: int) -> torch.Tensor:
     """Change of ``softmax(x0 + d)`` along ``dim`` from the base output ``s0 = softmax(x0)``:
     ``s0_i (expm1(d_i) - S) / (1 + S)`` with ``S = sum_j s0_j expm1(d_j)``."""
-    e = torch.expm1(d)
-    big_s = (s0 * e).sum(dim, keepdim=True)
-    return s0 * (e - big_s) / (1 + big_s)
+    t = torch.expm1(d).mul_(s0)  # s0_i expm1(d_i); in place below: no further tensor of d's size
+    big_s = t.sum(dim, keepdim=True)
+    return t.addcmul_(s0, big_s, value=-1).div_(big_s.add_(1))
 
 
 def log_softmax_delta(s0: torch.Tensor, d: torch.Tensor, dim: int) -> torch.Tensor:

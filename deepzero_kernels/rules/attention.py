@@ -90,21 +90,51 @@ def matmul(ctx, node):
     return DenseDelta(product_delta(ctx, fa, fb, da, db, torch.matmul))
 
 
+def _base_times_delta(ctx, a, d):
+    """``a @ d[:, k]`` for every k: ``a`` a base stack ``(B, *mid, M, N)``, ``d`` deltas
+    ``(B, K, *mid, N, P)``. The K deltas sit side by side as columns of one matrix, so ``a`` is not
+    copied K times (as broadcasting would): one GEMM of ``(M, N) @ (N, K*P)`` per stack entry."""
+    k, p = d.shape[1], d.shape[-1]
+    cols = d.movedim(1, -2).reshape(d.shape[:1] + d.shape[2:-1] + (k * p,))  # (B, *mid, N, K*P)
+    out = delta_map(ctx.engine.delta_precision, lambda x, w: torch.matmul(w, x), cols, a)
+    return out.unflatten(-1, (k, p)).movedim(-2, 1)
+
+
 def attention_delta(ctx, qb, kb, vb, dq, dk, dv, scale, mask):
-    """The change of ``softmax(q k^T * scale + mask) v`` (heads in dim -3) for deltas ``dq``, ``dk``,
-    ``dv`` (``(B, K, ...)`` or None) of base ``qb``, ``kb``, ``vb``: the product rule for the logits
-    and the output, the softmax change in closed form. Returns ``(d_out, d_p)`` (``d_p``: the change
-    of the attention weights, None when neither q nor k changed)."""
+    """The change of ``softmax(q k^T * scale + mask) v`` for deltas ``dq``, ``dk``, ``dv``
+    (``(B, K, ...)`` or None) of base ``qb``, ``kb``, ``vb`` (``(B, ..., T, d)``). Each product
+    changes by two terms, a delta times perturbed values plus base times a delta:
+    ``(q k^T)' - q k^T = dq k'^T + q dk^T`` (``k' = k + dk``), ``(p v)' - p v = dp v' + p dv``: exact,
+    nothing cancels, one GEMM fewer than the three-term product rule. The softmax changes in closed
+    form. Returns ``(d_out, d_p)`` (``d_p``: the change of the attention weights, None when neither
+    q nor k changed)."""
+    prec = ctx.engine.delta_precision
     logits = qb @ kb.transpose(-2, -1) * scale
+    # The scale goes on the (T, d) factors, not on the (T, T) change of the logits.
+    qb_s, dq = qb * scale, dq * scale if dq is not None else None
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
     p0 = torch.softmax(logits, -1)
-    kt = lambda t: t.transpose(-2, -1) if t is not None else None  # noqa: E731
     d_p = None
     if dq is not None or dk is not None:
-        d_logits = product_delta(ctx, expand_base(qb), kt(expand_base(kb)), dq, kt(dk), torch.matmul) * scale
-        d_p = torch.nan_to_num(softmax_delta(expand_base(p0), d_logits, -1), nan=0.0)  # fully masked rows
-    return product_delta(ctx, expand_base(p0), expand_base(vb), d_p, dv, torch.matmul), d_p
+        d_logits = None
+        if dq is not None:
+            k_new = expand_base(kb) + dk if dk is not None else expand_base(kb)
+            d_logits = delta_map(prec, torch.matmul, dq, k_new.transpose(-2, -1))
+        if dk is not None:
+            t = _base_times_delta(ctx, qb_s, dk.transpose(-2, -1))
+            d_logits = t if d_logits is None else d_logits.add_(t)
+        d_p = softmax_delta(expand_base(p0), d_logits, -1)
+        if mask is not None:
+            d_p = torch.nan_to_num(d_p, nan=0.0)  # fully masked rows: no attention either way
+    d_out = None
+    if d_p is not None:
+        v_new = expand_base(vb) + dv if dv is not None else expand_base(vb)
+        d_out = delta_map(prec, torch.matmul, d_p, v_new)
+    if dv is not None:
+        t = _base_times_delta(ctx, p0, dv)
+        d_out = t if d_out is None else d_out.add_(t)
+    return d_out, d_p
 
 
 @rule(F.scaled_dot_product_attention)
@@ -224,6 +254,10 @@ def multihead_attention(ctx, node):
     if any(isinstance(r, (DenseValue, tuple, list)) for r in reps):
         return NotImplemented
     prec = ctx.engine.delta_precision
+    if mha.inputs[0] is mha.inputs[1] is mha.inputs[2]:  # self-attention: one GEMM for q, k and v
+        d = delta_map(prec, F.linear, mha.delta_batch_first(densify(reps[0], ctx.base(mha.inputs[0]))),
+                      mha.m.in_proj_weight)
+        return mha.outputs(list(d.chunk(3, -1)))
     d_qkv = [delta_map(prec, F.linear, mha.delta_batch_first(densify(r, ctx.base(t))), w) if r is not None else None
              for r, t, w in zip(reps, mha.inputs, mha.w)]
     return mha.outputs(d_qkv)
