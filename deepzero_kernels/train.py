@@ -37,7 +37,7 @@ FORMAT = "deepzero_kernels.train/1"
 MODELS = ("cnn", *ARCHITECTURES, "mlp")
 # Flags that only change speed or display: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "out", "progress", "threads", "device", "backend", "memory_budget",
-               "eval_batch_size", "dist_timeout", "check_every"}
+               "eval_batch_size", "dist_timeout", "check_every", "dry_run", "max_hours"}
 # Flags added after the checkpoint format was fixed: what runs that predate them used.
 ADDED_FLAGS = {"delta_precision": "fp32"}
 # torchrun settings: flag, else environment variable, else default (see dist_setting)
@@ -152,6 +152,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="continue the run saved in DIR exactly (its config is reused; default: start a new run)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=d(True),
                    help="no tqdm progress bar (default: show it)")
+    g.add_argument("--dry-run", action="store_true", default=d(False),
+                   help="print the projected cost (a calibration of a few seconds) and exit without training "
+                        "or writing anything")
+    g.add_argument("--max-hours", type=float, default=d(None), metavar="H",
+                   help="refuse to start (exit 2) a run projected to take longer than H hours (default: no limit)")
     g = p.add_argument_group("multi-process (torchrun --nproc_per_node=N -m deepzero_kernels.train ...; CGE only)")
     g.add_argument("--dist-timeout", type=float, default=d(None), metavar="SECONDS",
                    help="a rank that dies or hangs makes the others exit with an error after this "
@@ -170,6 +175,8 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     finite = lambda v: v is not None and math.isfinite(v)  # noqa: E731
     need(finite(a.sparsity) and 0 <= a.sparsity < 1, f"--sparsity must be in [0, 1), got {a.sparsity}")
     need(finite(a.mu) and a.mu > 0, f"--mu must be > 0, got {a.mu}")
+    need(a.max_hours is None or (math.isfinite(a.max_hours) and a.max_hours > 0),
+         f"--max-hours must be > 0, got {a.max_hours}")
     need(finite(a.lr) and a.lr > 0, f"--lr must be > 0, got {a.lr}")
     need(finite(a.momentum) and 0 <= a.momentum < 1, f"--momentum must be in [0, 1), got {a.momentum}")
     need(finite(a.weight_decay) and a.weight_decay >= 0, f"--weight-decay must be >= 0, got {a.weight_decay}")
@@ -222,7 +229,7 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             resolve_backend(a.backend, resolve_device(a.device))
         except ValueError as e:
             p.error(f"--backend {a.backend}: {e}")
-    if a.out is not None:
+    if a.out is not None and not a.dry_run:  # a dry run writes nothing, so --out is not created
         problem = out_dir_problem(a.out)
         need(problem is None, f"--out {a.out}: {problem}")
 
@@ -806,6 +813,109 @@ def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, dev
     return densities, {"seconds": time.perf_counter() - t0, "queries": 2 * cfg["grasp_q"] + 2}
 
 
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# Up to this many active coordinates the calibration is one whole step; above, a sample of 256
+# (sized to a few seconds on ResNet-20 on 2 cores), whose smaller chunks make the projection an
+# upper estimate (measured: ~4x for the App. B CNN at 256 of its 1378 coordinates).
+_CALIBRATION_FULL_STEP = 4096
+_CALIBRATION_PERTURBATIONS = 256
+
+
+def project_cost(cfg: dict, model: nn.Module, ds: D.Dataset, device, densities: Optional[dict], *,
+                 steps: int, epochs: int, grasp: bool) -> dict:
+    """The run's cost before any work, from a calibration on one training batch: CGE estimates one
+    step's active coordinates (above 4096 of them, a sample of 256 in proportion to each layer's
+    active count: an upper estimate), RGE and backprop time forwards. Returns seconds per step, per epoch (evaluation included), for the
+    ``steps`` steps and ``epochs`` evaluations left, and for ZO-GraSP when it still has to run.
+    Draws nothing from the run's generators and leaves parameters and buffers as they were."""
+    from .functional import preserved_buffers
+    bs = min(cfg["batch_size"], ds.x_train.shape[0])
+    x = ds.prepare(ds.x_train[:bs].to(device), train=False)
+    y = ds.y_train[:bs].to(device)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    active = {n: round(densities[n] * p.numel()) if densities and n in densities else p.numel()
+              for n, p in params.items()}
+    d_active = sum(active.values())
+    with preserved_buffers(model), torch.no_grad():
+        model(x)  # warm-up (allocator, kernels)
+        t_fwd = _timed(lambda: model(x))
+    out = {"queries_per_step": d_active, "forward_s": t_fwd}
+    est = cfg["estimator"]
+    if est == "cge":
+        cge = CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"],
+                  delta_precision=cfg.get("delta_precision", "fp32"))
+        g = torch.Generator().manual_seed(0)
+        frac = 1.0 if d_active <= _CALIBRATION_FULL_STEP else _CALIBRATION_PERTURBATIONS / d_active
+        masks, n_cal = {}, 0
+        for n, p in params.items():
+            m = torch.zeros(p.numel(), dtype=torch.bool)
+            k = min(active[n], max(1, round(frac * active[n]))) if active[n] else 0
+            m[torch.randperm(p.numel(), generator=g)[:k]] = True
+            masks[n], n_cal = m.view(p.shape).to(p.device), n_cal + k
+        one = {n: torch.zeros_like(m) for n, m in masks.items()}
+        for n in one:
+            one[n].view(-1)[0] = True
+        cge.estimate(x, y, one)  # traces the model, builds kernels: not part of a step
+        t_cal = _timed(lambda: cge.estimate(x, y, masks))
+        out.update(calibration_perturbations=n_cal, calibration_s=t_cal, pert_per_s=n_cal / t_cal,
+                   step_s=t_cal * d_active / max(n_cal, 1))
+    elif est == "rge":
+        q = cfg["q"] or d_active
+        out.update(queries_per_step=q, step_s=(q + 1) * t_fwd)
+    else:
+        model.zero_grad(set_to_none=True)
+        with preserved_buffers(model):
+            t_fo = _timed(lambda: F.cross_entropy(model(x), y).backward())
+        model.zero_grad(set_to_none=True)
+        out.update(queries_per_step=0, step_s=t_fo)
+    n_test = ds.x_test.shape[0]
+    out["eval_s"] = t_fwd * math.ceil(n_test / bs)
+    out["epoch_s"] = out["step_s"] * math.ceil(ds.x_train.shape[0] / cfg["batch_size"]) + out["eval_s"]
+    out["grasp_s"] = (2 * cfg["grasp_q"] + 2) * t_fwd if grasp else 0.0
+    out["run_s"] = out["step_s"] * steps + out["eval_s"] * epochs + out["grasp_s"]
+    return out
+
+
+def describe_cost(c: dict, steps: int, epochs: int) -> str:
+    rate = (f"calibration: {c['calibration_perturbations']} perturbations in {c['calibration_s']:.2f} s "
+            f"({c['pert_per_s']:,.0f}/s); " if "pert_per_s" in c else "")
+    grasp = f" (ZO-GraSP ~{_duration(c['grasp_s'])} included)" if c["grasp_s"] else ""
+    queries = f"{c['queries_per_step']:,} queries/step" if c["queries_per_step"] else "backprop"
+    return (f"cost: {queries}; {rate}projected {_duration(c['step_s'])}/step, "
+            f"{_duration(c['epoch_s'])}/epoch, {_duration(c['run_s'])} for {steps} steps in {epochs} "
+            f"epochs{grasp}")
+
+
+def _duration(seconds: float) -> str:
+    """``0.27 s``, ``12.3 s``, ``1:02:03`` or ``3.2 days``: readable at every scale."""
+    if seconds < 60:
+        return f"{seconds:.3g} s"
+    if seconds < 3 * 86400:
+        return _hms(seconds)
+    return f"{seconds / 86400:.1f} days"
+
+
+def _check_cost(rc_log, cfg: dict, model, ds, device, densities, *, steps: int, epochs: int, grasp: bool,
+                dist_on: bool) -> None:
+    """Print the projected cost; refuse a run over ``--max-hours`` (usage error, exit 2)."""
+    if dist_on:
+        if cfg.get("max_hours"):
+            raise UsageError("--max-hours is not supported under torchrun (the projection calibrates one process)")
+        return
+    c = project_cost(cfg, model, ds, device, densities, steps=steps, epochs=epochs, grasp=grasp)
+    rc_log(describe_cost(c, steps, epochs))
+    h = cfg.get("max_hours")
+    if h and c["run_s"] > 3600 * h:
+        raise UsageError(f"the run is projected to take {_duration(c['run_s'])} ({c['run_s'] / 3600:.3g} h), over "
+                         f"--max-hours {h:g}; lower --epochs, --batch-size, the model size or the active coordinates "
+                         f"(--sparsity), or raise --max-hours")
+
+
 def build_estimator(cfg: dict, model: nn.Module, densities: Optional[dict] = None, *,
                     distributed: bool = False) -> tuple:
     """The gradient source of ``--estimator``: CGE (:class:`DistributedCGE` under torchrun), RGE
@@ -1105,7 +1215,8 @@ def run(cfg: dict, log=None) -> dict:
         torch.set_num_threads(cfg["threads"])
     device = resolve_device(cfg["device"])
     semantic = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
-    ckpt = Checkpointer(cfg.get("out"), enabled=rank == 0)
+    dry = bool(cfg.get("dry_run"))
+    ckpt = Checkpointer(cfg.get("out"), enabled=rank == 0 and not dry)  # a dry run writes nothing
     ck = ckpt.load(semantic) if cfg.get("resume") is not None else ckpt.claim()  # before any write
 
     ds = D.load_dataset(cfg["dataset"], cfg["data_dir"], augment=cfg["augment"], seed=cfg["seed"],
@@ -1119,6 +1230,13 @@ def run(cfg: dict, log=None) -> dict:
     opt, sched = build_optimizer(cfg, model, steps_per_epoch)
     log(setup_summary(cfg, device))
     _check_mu_flag(cfg, model)
+    if ck is None:  # a fresh run: its cost before any work (ZO-GraSP included), densities provisional
+        provisional = ({n: 1.0 - cfg["sparsity"] for n in prunable_weights(model)}
+                       if cfg["sparsity_method"] != "none" else None)
+        _check_cost(log, cfg, model, ds, device, provisional, steps=steps_per_epoch * cfg["epochs"],
+                    epochs=cfg["epochs"], grasp=cfg["sparsity_method"] == "zo_grasp", dist_on=dist_on)
+        if dry:
+            return {"dry_run": True, "interrupted": False}
     densities, grasp = (ck["densities"], ck["grasp"]) if ck is not None else \
         choose_densities(cfg, model, ds, gens, device)
     est, d_active = build_estimator(cfg, model, densities, distributed=dist_on)
@@ -1126,6 +1244,12 @@ def run(cfg: dict, log=None) -> dict:
               steps_per_epoch * cfg["epochs"], est is not None and has_running_stats(model))
     if ck is not None:
         state = _restore(rc, ck, model, opt, sched, gens)
+        left = rc.total_steps - (state.epoch * steps_per_epoch + state.step)
+        if left > 0 or dry:  # what is left of the run
+            _check_cost(log, cfg, model, ds, device, densities, steps=left, epochs=cfg["epochs"] - state.epoch,
+                        grasp=False, dist_on=dist_on)
+        if dry:
+            return {"dry_run": True, "interrupted": False}
     else:
         state = TrainState(model, opt, sched, gens, densities=densities, grasp=grasp)
         _write_run_files(rc, state, n_params, d_active)

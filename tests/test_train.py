@@ -206,3 +206,60 @@ def test_default_run_reaches_90_percent():
     summary = train.run(train.parse_args(["--no-progress"])[0])
     assert summary["best_test_acc"] >= 0.90
     assert summary["wall_seconds"] <= 300
+
+
+@needs_engine
+@pytest.mark.parametrize("estimator", ["cge", "rge", "fo"])
+def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, capsys, estimator):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--estimator", estimator, "--epochs", "3", "--dry-run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    line = next(ln for ln in text.splitlines() if ln.startswith("cost:"))
+    assert "/step" in line and "/epoch" in line and "for 9 steps in 3 epochs" in line, line
+    if estimator == "cge":
+        assert "queries/step" in line and "calibration:" in line
+    assert not out.exists(), "a dry run must not create --out"
+    assert "epoch   1/3" not in text and "engine:" not in text, "a dry run must not train"
+
+
+@needs_engine
+def test_max_hours_refuses_a_run_projected_over_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--epochs", "1", "--max-hours", "1e-9", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "projected to take" in err and "--max-hours" in err
+    assert not (out / "checkpoint.pt").exists()
+    # A generous limit runs, and the log shows the projection before training.
+    assert train.main(TINY + ["--epochs", "1", "--max-hours", "10", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.index("cost:") < text.index("epoch   1/1")
+
+
+def test_max_hours_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--max-hours", "0"])
+    assert e.value.code == 2 and "--max-hours must be > 0" in capsys.readouterr().err
+
+
+@needs_engine
+def test_calibration_leaves_the_run_unchanged(tmp_path):
+    """The projection trains nothing: weights after a run equal those of the same run whose
+    calibration is skipped (bitwise), for CGE and backprop (BatchNorm buffers, gradients)."""
+    for est in ("cge", "fo"):
+        outs = []
+        for skip in (False, True):
+            out = tmp_path / f"{est}-{skip}"
+            argv = TINY + ["--estimator", est, "--epochs", "1", "--out", str(out)]
+            if skip:
+                orig = train._check_cost
+                train._check_cost = lambda *a, **k: None
+                try:
+                    assert train.main(argv) == 0
+                finally:
+                    train._check_cost = orig
+            else:
+                assert train.main(argv) == 0
+            outs.append(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
+        assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0]), est
