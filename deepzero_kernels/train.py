@@ -146,7 +146,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--device", default=d("auto"), help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     g.add_argument("--threads", type=int, default=d(0), help="torch CPU threads (0 = torch's default)")
     g.add_argument("--out", default=d(None), metavar="DIR",
-                   help="write metrics.jsonl, config.json, densities.json, checkpoint.pt, metrics.png "
+                   help="write config.json, densities.json, metrics.jsonl, metrics.csv, checkpoint.pt, best.pt, "
+                        "summary.json, metrics.png "
                         "(default: write nothing)")
     g.add_argument("--resume", default=d(None), metavar="DIR",
                    help="continue the run saved in DIR exactly (its config is reused; default: start a new run)")
@@ -728,6 +729,13 @@ class Checkpointer:
         if self.enabled:
             atomic_write_text(os.path.join(self.out_dir, name), text)
 
+    def save_best(self, state: "TrainState", record: dict) -> None:
+        """``best.pt``: the weights (and buffers) of the epoch with the best test accuracy so far."""
+        if self.enabled:
+            best = {"model": state.model.state_dict(), "epoch": record["epoch"], "test_acc": record["test_acc"],
+                    "test_loss": record["test_loss"]}
+            atomic_write_bytes(os.path.join(self.out_dir, "best.pt"), lambda f: torch.save(best, f))
+
     def kept(self) -> str:
         """What a failed run leaves behind (for its error message)."""
         if self.path and os.path.isfile(self.path):
@@ -956,12 +964,25 @@ def _restore(rc: _Run, ck: dict, model, opt, sched, gens) -> TrainState:
     return state
 
 
+def backend_in_use(cfg: dict, device) -> str:
+    """The fused-op backend the estimator runs on (what ``--backend`` resolves to here)."""
+    if cfg["estimator"] != "cge":
+        return "none"
+    from .ops import resolve_backend
+    try:
+        return resolve_backend(cfg["backend"], device)
+    except (ValueError, RuntimeError):
+        return cfg["backend"]
+
+
 def _write_run_files(rc: _Run, state: TrainState, n_params: int, d_active) -> None:
     """config.json (config and derived sizes) and densities.json of a fresh run."""
     ds = rc.ds
     rc.ckpt.write_text("config.json", json.dumps(
         {"config": rc.semantic, "derived": {"parameters": n_params, "steps_per_epoch": rc.steps_per_epoch,
                                             "active_coordinates": d_active, "device": str(rc.device),
+                                            "backend": backend_in_use(rc.cfg, rc.device),
+                                            "threads": torch.get_num_threads(),
                                             "dataset": {"train": ds.x_train.shape[0], "test": ds.x_test.shape[0],
                                                         "input_shape": list(ds.input_shape)}}},
         indent=2))
@@ -1134,12 +1155,14 @@ def end_epoch(rc: _Run, state: TrainState) -> dict:
     state.history.append(rec)
     if test_acc > state.best_acc:
         state.best_acc, state.best_epoch = test_acc, state.epoch + 1
+        rc.ckpt.save_best(state, rec)  # a stop before the checkpoint below redoes the epoch and this
     state.epoch += 1
     state.step = 0
     state.perm = None
     state.elapsed = time.perf_counter() - rc.t_start
     rc.ckpt.save(state, rc.semantic)
     rc.ckpt.write_text("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
+    rc.ckpt.write_text("metrics.csv", metrics_csv(state.history))
     rc.log(f"epoch {rec['epoch']:3d}/{rc.cfg['epochs']}  train loss {rec['train_loss']:.4f} acc "
            f"{100 * rec['train_acc']:5.1f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.1f}%  "
            f"lr {rec['lr']:.4f}  {rec['perturbations_per_s']:.0f} pert/s  {rec['seconds']:.1f}s"
@@ -1179,6 +1202,19 @@ def _train(rc: _Run, state: TrainState) -> bool:
     return False
 
 
+def metrics_csv(history: list) -> str:
+    """The epoch records as CSV (one row per epoch; list values as JSON), for spreadsheets."""
+    import csv
+    import io
+    cols = list(dict.fromkeys(k for h in history for k in h))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for h in history:
+        w.writerow([json.dumps(h[c]) if isinstance(h.get(c), (list, dict)) else h.get(c, "") for c in cols])
+    return buf.getvalue()
+
+
 def _summary(rc: _Run, state: TrainState, interrupted: bool, n_params: int, d_active) -> dict:
     queries = state.grasp.get("queries", 0)
     return {"best_test_acc": max(state.best_acc, 0.0), "best_epoch": state.best_epoch,
@@ -1190,7 +1226,8 @@ def _summary(rc: _Run, state: TrainState, interrupted: bool, n_params: int, d_ac
 
 
 def _report(rc: _Run, state: TrainState, summary: dict) -> None:
-    """metrics.png and the last line of the run."""
+    """summary.json, metrics.png and the last line of the run."""
+    rc.ckpt.write_text("summary.json", json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     if rc.ckpt.enabled and state.history:
         try:
             plot(state.history, os.path.join(rc.ckpt.out_dir, "metrics.png"),

@@ -32,12 +32,19 @@ needs_engine = pytest.mark.skipif(not engine_available(), reason="the CGE engine
 def test_fo_smoke_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "1", "--out", str(out)]) == 0
-    for f in ("metrics.jsonl", "config.json", "checkpoint.pt", "metrics.png"):
+    for f in ("metrics.jsonl", "metrics.csv", "config.json", "checkpoint.pt", "best.pt", "summary.json", "metrics.png"):
         assert (out / f).is_file(), f
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 1 and rec[0]["epoch"] == 1 and 0 <= rec[0]["test_acc"] <= 1
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[0].split(",")[0] == "epoch" and rows[1].split(",")[0] == "1"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["estimator"] == "fo" and cfg["derived"]["steps_per_epoch"] == 3
+    assert cfg["derived"]["backend"] == "none" and cfg["derived"]["threads"] == 1
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 and best["test_acc"] == rec[0]["test_acc"]
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["best_epoch"] == 1 and summ["epochs_done"] == 1 and not summ["interrupted"]
     assert "best test acc" in capsys.readouterr().out
 
 
@@ -50,6 +57,8 @@ def test_zo_smoke(tmp_path, estimator, method):
     assert train.main(argv) == 0
     dens = json.loads((out / "densities.json").read_text())
     assert set(dens["layers"]) == {"features.0.weight", "features.4.weight", "fc.weight"}
+    derived = json.loads((out / "config.json").read_text())["derived"]
+    assert derived["backend"] in (("torch", "native", "triton") if estimator == "cge" else ("none",))
     assert abs(dens["overall"] - 0.5) < 0.02
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["state"]["epoch"] == 1 and ck["state"]["perturbations"] > 0
