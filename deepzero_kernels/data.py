@@ -11,6 +11,8 @@ Everything is a plain in-memory tensor; a batch iterator draws its order from an
   float32) and converted, augmented and normalised per batch by :meth:`Dataset.prepare`.
 * :func:`synthetic` -- Gaussian class clusters of any shape (learnable, so smoke tests can see
   accuracy rise).
+* a user's data: :func:`tensor_file` (``.npz``/``.pt`` with ``x_train, y_train, x_test, y_test``) or
+  :func:`user_dataset` (``"package.module:factory"``), both through :func:`from_tensors`.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Dataset", "digits", "cifar10", "synthetic", "load_dataset", "batches",
+__all__ = ["Dataset", "digits", "cifar10", "synthetic", "load_dataset", "from_tensors", "tensor_file", "user_dataset",
+           "batches",
            "random_crop_flip", "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR10_URL", "DatasetError"]
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
@@ -282,4 +285,96 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, augment: bool = T
         return cifar10(data_dir, augment=augment)
     if name == "synthetic":
         return synthetic(synthetic_shape, n_train=synthetic_n[0], n_test=synthetic_n[1], seed=seed)
-    raise ValueError(f"unknown dataset {name!r}; choose digits, cifar10 or synthetic")
+    if name.endswith((".npz", ".pt")):
+        return tensor_file(name)
+    if ":" in name:
+        return user_dataset(name)
+    raise ValueError(f"unknown dataset {name!r}; choose digits, cifar10, synthetic, a .npz/.pt file or "
+                     "package.module:factory")
+
+
+_SPLITS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def from_tensors(name: str, x_train, y_train, x_test, y_test, num_classes: Optional[int] = None) -> Dataset:
+    """A dataset from in-memory arrays or tensors: float inputs ``(N, ...)`` (converted to
+    float32), integer class labels ``(N,)``. Every problem is a :class:`DatasetError` naming it."""
+    parts = {}
+    for k, v in zip(_SPLITS, (x_train, y_train, x_test, y_test)):
+        try:
+            t = torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v.detach().cpu()
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{name}: {k} is not an array ({e})") from None
+        parts[k] = t
+    for k in ("x_train", "x_test"):
+        if parts[k].dim() < 2 or not (parts[k].is_floating_point() or parts[k].dtype == torch.uint8):
+            raise DatasetError(f"{name}: {k} must be (N, ...) float inputs, got shape {tuple(parts[k].shape)} "
+                               f"dtype {parts[k].dtype}")
+        parts[k] = parts[k].float() if parts[k].dtype != torch.uint8 else parts[k].float().div_(255.0)
+        if not torch.isfinite(parts[k]).all():
+            raise DatasetError(f"{name}: {k} holds non-finite values")
+    for k in ("y_train", "y_test"):
+        if parts[k].dim() != 1 or parts[k].is_floating_point() or parts[k].is_complex() or parts[k].dtype == torch.bool:
+            raise DatasetError(f"{name}: {k} must be (N,) integer class labels, got shape {tuple(parts[k].shape)} "
+                               f"dtype {parts[k].dtype}")
+        parts[k] = parts[k].long()
+    for s_ in ("train", "test"):
+        if parts[f"x_{s_}"].shape[0] != parts[f"y_{s_}"].shape[0] or parts[f"x_{s_}"].shape[0] == 0:
+            raise DatasetError(f"{name}: x_{s_} has {parts[f'x_{s_}'].shape[0]} samples and y_{s_} "
+                               f"{parts[f'y_{s_}'].shape[0]} (need the same, at least one)")
+    if parts["x_train"].shape[1:] != parts["x_test"].shape[1:]:
+        raise DatasetError(f"{name}: train inputs {tuple(parts['x_train'].shape[1:])} and test inputs "
+                           f"{tuple(parts['x_test'].shape[1:])} differ in shape")
+    lo = min(int(parts["y_train"].min()), int(parts["y_test"].min()))
+    if lo < 0:
+        raise DatasetError(f"{name}: negative class label {lo}")
+    top = max(int(parts["y_train"].max()), int(parts["y_test"].max())) + 1
+    num_classes = num_classes or top
+    if top > num_classes:
+        raise DatasetError(f"{name}: label {top - 1} but num_classes {num_classes}")
+    return Dataset(name, parts["x_train"], parts["y_train"], parts["x_test"], parts["y_test"], int(num_classes))
+
+
+def tensor_file(path: str) -> Dataset:
+    """``x_train``, ``y_train``, ``x_test``, ``y_test`` (and optionally ``num_classes``) from a
+    ``.npz`` file (``np.savez``) or a ``.pt`` dict (``torch.save``); nothing in them is executed."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"dataset file {path} does not exist")
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as z:
+                got = {k: z[k] for k in z.files}
+        else:
+            got = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # zip/pickle/format errors
+        raise DatasetError(f"cannot read dataset file {path} ({type(e).__name__}: {e})") from None
+    if not isinstance(got, dict) or any(k not in got for k in _SPLITS):
+        have = sorted(got) if isinstance(got, dict) else type(got).__name__
+        raise DatasetError(f"{path} must hold {', '.join(_SPLITS)}; it holds {have}")
+    n = got.get("num_classes")
+    return from_tensors(os.path.basename(path), *(got[k] for k in _SPLITS),
+                        num_classes=int(np.asarray(n)) if n is not None else None)
+
+
+def user_dataset(spec: str) -> Dataset:
+    """A user's ``"package.module:factory"``: ``factory()`` returns a :class:`Dataset`, a dict with
+    ``x_train, y_train, x_test, y_test`` (and optionally ``num_classes``) or those four in a tuple."""
+    from .runtime import import_object
+    try:
+        factory = import_object(spec)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+    try:
+        got = factory()
+    except Exception as e:  # the user's code
+        raise DatasetError(f"{spec}: the factory failed ({type(e).__name__}: {e})") from None
+    if isinstance(got, Dataset):
+        return got
+    if isinstance(got, dict):
+        if any(k not in got for k in _SPLITS):
+            raise DatasetError(f"{spec} returned a dict without {', '.join(k for k in _SPLITS if k not in got)}")
+        return from_tensors(spec, *(got[k] for k in _SPLITS), num_classes=got.get("num_classes"))
+    if isinstance(got, (tuple, list)) and len(got) == 4:
+        return from_tensors(spec, *got)
+    raise DatasetError(f"{spec} returned {type(got).__name__}; return a Dataset, a dict of x_train, y_train, "
+                       "x_test, y_test, or those four in a tuple")

@@ -21,7 +21,7 @@ __all__ = ["SimpleCNN", "MLP", "BasicBlock", "CifarResNet", "resnet20", "resnet3
            "resnet56", "resnet18", "InvertedResidual", "MobileNetV2", "mobilenet_v2", "StochasticDepth",
            "SqueezeExcite", "MBConv", "EfficientNet", "efficientnet_b0", "DenseLayer", "DenseNet", "densenet",
            "ShuffleUnit", "ShuffleNetV2", "shufflenet_v2", "LayerNorm2d", "ConvNeXtBlock", "ConvNeXt", "convnext",
-           "ViTBlock", "ViT", "vit", "ARCHITECTURES", "build_model"]
+           "ViTBlock", "ViT", "vit", "ARCHITECTURES", "build_model", "user_model"]
 
 
 class SimpleCNN(nn.Module):
@@ -550,6 +550,25 @@ def resnet56(**kw):
     return CifarResNet(9, **kw)
 
 
+def user_model(spec: str, **sizes) -> nn.Module:
+    """``factory(**sizes)`` for ``spec = "package.module:factory"``: the factory gets those of
+    ``num_classes``, ``in_channels`` and ``image_size`` that its signature names (all of them with
+    ``**kwargs``) and must return an ``nn.Module``."""
+    import inspect
+    from .runtime import import_object
+    factory = import_object(spec)
+    try:
+        params = inspect.signature(factory).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kw = {k: v for k, v in sizes.items() if takes_all or k in params}
+    except (TypeError, ValueError):
+        kw = {}
+    model = factory(**kw)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
 # name -> factory(num_classes=, in_channels=, **kw): the architectures of the benchmark and the trainer.
 ARCHITECTURES = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44, "resnet56": resnet56,
                  "resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "efficientnet_b0": efficientnet_b0,
@@ -560,7 +579,10 @@ def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10, image
                 depth: int = 2, width: int = 16) -> nn.Module:
     """Build a model by name: ``cnn`` (App. B, ``depth``/``width``), ``mlp``, or one of
     :data:`ARCHITECTURES` at its standard size (``resnet20/32/44/56``, ``resnet18``, ``mobilenet_v2``,
-    ``efficientnet_b0``, ``densenet``, ``shufflenet_v2``, ``convnext``, ``vit``)."""
+    ``efficientnet_b0``, ``densenet``, ``shufflenet_v2``, ``convnext``, ``vit``), or a user's
+    ``"package.module:factory"`` (:func:`user_model`)."""
+    if ":" in name:  # a user's factory, "package.module:factory"
+        return user_model(name, in_channels=in_channels, num_classes=num_classes, image_size=image_size)
     if name == "cnn":
         return SimpleCNN(in_channels, num_classes, depth=depth, width=width)
     if name == "mlp":

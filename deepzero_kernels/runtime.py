@@ -16,7 +16,29 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["apply_omp_defaults", "omp_defaults_set", "rss_bytes", "peak_rss_bytes", "thread_settings"]
+__all__ = ["apply_omp_defaults", "omp_defaults_set", "rss_bytes", "peak_rss_bytes", "thread_settings", "import_object"]
+
+
+def import_object(spec: str):
+    """The object a user names as ``"package.module:name"`` (``--model``/``--dataset`` factories).
+    Raises ``ValueError`` naming what could not be imported or found."""
+    import importlib
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{spec!r} is not of the form package.module:factory")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # ImportError, or the module's own code failing
+        raise ValueError(f"cannot import {module!r} for {spec!r} ({type(e).__name__}: {e}); is its directory "
+                         "on PYTHONPATH (or the current directory)?") from None
+    obj = mod
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module!r} has no attribute {name!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is not callable")
+    return obj
 
 _set: list = []
 

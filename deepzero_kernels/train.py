@@ -93,8 +93,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS if suppress_defaults else None)
     d = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", choices=("digits", "cifar10", "synthetic"), default=d("digits"),
-                   help="digits: sklearn's 8x8 digits (embedded); cifar10: python-format batches in "
+    g.add_argument("--dataset", default=d("digits"), metavar="{digits,cifar10,synthetic,FILE.npz,FILE.pt,MODULE:FACTORY}",
+                   help="your own data: a .npz/.pt file with x_train, y_train, x_test, y_test, or "
+                        "package.module:factory returning them (see python/examples/own_model_and_data.py); "
+                        "digits: sklearn's 8x8 digits (embedded); cifar10: python-format batches in "
                         "--data-dir; synthetic: Gaussian class clusters, see --synthetic-shape")
     g.add_argument("--data-dir", default=d("data"),
                    help="CIFAR-10 directory (cifar-10-batches-py or its parent)")
@@ -104,9 +106,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="train and test sizes of the synthetic dataset")
     g.add_argument("--no-augment", dest="augment", action="store_false", default=d(True),
                    help="disable CIFAR-10's random crop + flip (on by default)")
-    g.add_argument("--model", choices=MODELS, default=d("cnn"),
-                   help="network: cnn (App. B), mlp, or an architecture of deepzero_kernels.models at its "
-                        "standard CIFAR size")
+    g.add_argument("--model", default=d("cnn"), metavar="{" + ",".join(MODELS) + ",MODULE:FACTORY}",
+                   help="network: cnn (App. B), mlp, an architecture of deepzero_kernels.models at its "
+                        "standard CIFAR size, or your own package.module:factory (called with those of "
+                        "num_classes, in_channels, image_size it accepts)")
     g.add_argument("--depth", type=int, default=d(2), help="conv blocks of the App. B CNN")
     g.add_argument("--width", type=int, default=d(16),
                    help="channels of the App. B CNN (MLP: hidden = 4 x width)")
@@ -206,6 +209,18 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     need(not (a.sparsity > 0 and a.sparsity_method == "none"),
          f"--sparsity {a.sparsity} with --sparsity-method none: use --sparsity 0 for dense training "
          f"or pick zo_grasp/random")
+    need(a.model in MODELS or ":" in a.model,
+         f"--model: invalid choice {a.model!r} (choose from {', '.join(MODELS)}, or package.module:factory)")
+    need(a.dataset in ("digits", "cifar10", "synthetic") or ":" in a.dataset or a.dataset.endswith((".npz", ".pt")),
+         f"--dataset: invalid choice {a.dataset!r} (choose from digits, cifar10, synthetic, a .npz/.pt file, "
+         "or package.module:factory)")
+    for flag, spec in (("--model", a.model), ("--dataset", a.dataset)):
+        if ":" in spec:
+            from .runtime import import_object
+            try:
+                import_object(spec)
+            except ValueError as e:
+                p.error(f"{flag}: {e}")
     if a.dataset == "synthetic":
         need(len(a.synthetic_size) == 2, "--synthetic-size takes two numbers: NTRAIN,NTEST")
     if a.model.startswith("resnet") or a.model == "cnn":
@@ -395,12 +410,18 @@ def check_sizes(cfg, ds: D.Dataset, device: torch.device) -> None:
     and momentum on ``device``; RGE's and ZO-GraSP's float64 directions on the CPU)."""
     def gb(n):
         return f"{n / 2 ** 30:,.1f} GiB"
-    try:
-        with torch.device("meta"):  # shapes only: nothing is allocated
+    if ":" in cfg["model"]:  # a user's factory: built for real (it need not support the meta device)
+        try:
             model = make_model(cfg, ds, seed=False)
-    except (RuntimeError, ValueError, OverflowError) as e:
-        raise UsageError(f"--model {cfg['model']} --width {cfg['width']} --depth {cfg['depth']}: cannot be "
-                        f"built ({e})") from None
+        except Exception as e:
+            raise UsageError(f"--model {cfg['model']}: the factory failed ({type(e).__name__}: {e})") from None
+    else:
+        try:
+            with torch.device("meta"):  # shapes only: nothing is allocated
+                model = make_model(cfg, ds, seed=False)
+        except (RuntimeError, ValueError, OverflowError) as e:
+            raise UsageError(f"--model {cfg['model']} --width {cfg['width']} --depth {cfg['depth']}: cannot be "
+                            f"built ({e})") from None
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     params = dict(model.named_parameters())
     n_prunable = sum(params[k].numel() for k in prunable_weights(model))

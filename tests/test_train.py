@@ -272,3 +272,69 @@ def test_calibration_leaves_the_run_unchanged(tmp_path):
                 assert train.main(argv) == 0
             outs.append(torch.load(out / "checkpoint.pt", weights_only=True)["model"])
         assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0]), est
+
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "python", "examples")
+OWN = ["--model", "own_model_and_data:make_model", "--epochs", "1", "--batch-size", "64", "--grasp-q", "4",
+       "--no-progress", "--threads", "1"]
+
+
+@needs_engine
+def test_own_model_and_data_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """--model/--dataset package.module:factory and a .npz file (python/examples/own_model_and_data.py);
+    the run resumes from its config (the specs are stored)."""
+    monkeypatch.syspath_prepend(EXAMPLES)
+    import own_model_and_data as own
+    out = tmp_path / "run"
+    assert train.main(OWN + ["--dataset", "own_model_and_data:make_data", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "model own_model_and_data:make_model" in text and "no fallback" in text
+    assert json.loads((out / "config.json").read_text())["derived"]["dataset"]["input_shape"] == [1, 12, 12]
+    data = own.make_data()
+    np_path = tmp_path / "d.npz"
+    import numpy as np
+    np.savez(np_path, **data)
+    pt_path = tmp_path / "d.pt"
+    torch.save({k: torch.as_tensor(v) for k, v in data.items()}, pt_path)
+    for path in (np_path, pt_path):
+        assert train.main(OWN + ["--dataset", str(path)]) == 0, path
+    assert train.main(["--resume", str(out), "--epochs", "1", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--model", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+    (["--model", "own_model_and_data:nothing"], "has no attribute 'nothing'"),
+    (["--model", "vgg"], "invalid choice 'vgg'"),
+    (["--dataset", "own_model_and_data:TinyNet"], "the factory failed (TypeError"),
+    (["--dataset", "builtins:object"], "returned object"),
+    (["--dataset", "builtins:dict"], "returned a dict without x_train"),
+    (["--dataset", "imagenet"], "invalid choice 'imagenet'"),
+])
+def test_bad_model_or_dataset_specs_are_clear_errors(flags, msg, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(EXAMPLES)
+    code = None
+    try:
+        code = train.main(OWN + flags)
+    except SystemExit as e:
+        code = e.code
+    assert code in (1, 2)
+    assert msg in capsys.readouterr().err
+
+
+def test_bad_dataset_files_are_clear_errors(tmp_path, capsys):
+    import numpy as np
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x_train=np.zeros((4, 1, 4, 4), np.float32), y_train=np.zeros(4, np.int64))
+    assert train.main(TINY[6:] + ["--dataset", str(bad)]) == 1
+    assert "must hold x_train, y_train, x_test, y_test" in capsys.readouterr().err
+    float_labels = tmp_path / "f.npz"
+    np.savez(float_labels, x_train=np.zeros((4, 1, 4, 4), np.float32), y_train=np.zeros(4, np.float32),
+             x_test=np.zeros((2, 1, 4, 4), np.float32), y_test=np.zeros(2, np.int64))
+    assert train.main(TINY[6:] + ["--dataset", str(float_labels)]) == 1
+    assert "y_train must be (N,) integer class labels" in capsys.readouterr().err
+    garbage = tmp_path / "g.pt"
+    garbage.write_bytes(b"not a torch file")
+    assert train.main(TINY[6:] + ["--dataset", str(garbage)]) == 1
+    assert "cannot read dataset file" in capsys.readouterr().err
+    assert train.main(TINY[6:] + ["--dataset", str(tmp_path / "missing.npz")]) == 1
+    assert "does not exist" in capsys.readouterr().err
