@@ -209,11 +209,9 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     need(not (a.sparsity > 0 and a.sparsity_method == "none"),
          f"--sparsity {a.sparsity} with --sparsity-method none: use --sparsity 0 for dense training "
          f"or pick zo_grasp/random")
-    need(a.model in MODELS or ":" in a.model,
-         f"--model: invalid choice {a.model!r} (choose from {', '.join(MODELS)}, or package.module:factory)")
-    need(a.dataset in ("digits", "cifar10", "synthetic") or ":" in a.dataset or a.dataset.endswith((".npz", ".pt")),
-         f"--dataset: invalid choice {a.dataset!r} (choose from digits, cifar10, synthetic, a .npz/.pt file, "
-         "or package.module:factory)")
+    for flag in ("model", "dataset"):
+        valid, what = _NAMED_FIELDS[flag]
+        need(valid(getattr(a, flag)), f"--{flag}: invalid choice {getattr(a, flag)!r} (choose {what})")
     for flag, spec in (("--model", a.model), ("--dataset", a.dataset)):
         if ":" in spec:
             from .runtime import import_object
@@ -266,6 +264,15 @@ def out_dir_problem(path: str) -> Optional[str]:
     return None
 
 
+DATASETS = ("digits", "cifar10", "synthetic")
+# Flags that take a name from a list or a user's spec (no argparse choices): how to check a saved value.
+_NAMED_FIELDS = {
+    "model": (lambda v: v in MODELS or ":" in v, "one of " + ", ".join(MODELS) + " or package.module:factory"),
+    "dataset": (lambda v: v in DATASETS or ":" in v or v.endswith((".npz", ".pt")),
+                "one of " + ", ".join(DATASETS) + ", a .npz/.pt file or package.module:factory"),
+}
+
+
 def config_type_problem(p: argparse.ArgumentParser, cfg: dict) -> Optional[str]:
     """The first field of a saved config whose value does not have its flag's type, or None."""
     for act in p._actions:
@@ -288,6 +295,8 @@ def config_type_problem(p: argparse.ArgumentParser, cfg: dict) -> Optional[str]:
             ok, what = isinstance(v, str), "a string"
         if ok and act.choices is not None and v not in act.choices:
             ok, what = False, "one of " + ", ".join(map(str, act.choices))
+        if ok and k in _NAMED_FIELDS and not _NAMED_FIELDS[k][0](v):
+            ok, what = False, _NAMED_FIELDS[k][1]
         if not ok:
             return f"field {k!r} must be {what}, got {v!r}"
     return None

@@ -236,7 +236,8 @@ def test_disk_full_during_the_plot_leaves_no_temporary(tmp_path, monkeypatch, ca
     assert train.main(TINY + ["--estimator", "fo", "--sparsity", "0", "--epochs", "1", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.strip() == f"error: [Errno {errno.ENOSPC}] cannot write {out / 'metrics.png'}: No space left on device"
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["best.pt", "checkpoint.pt", "config.json", "metrics.csv", "metrics.jsonl",
+                                       "summary.json"]
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
