@@ -83,6 +83,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The trainer's flags (``suppress_defaults``: only the flags given, for resume checks).
+    Length: one ``add_argument`` per flag, in the order ``--help`` shows them; split, the CLI would
+    have no single place that defines it."""
     p = _Parser(
         prog="python -m deepzero_kernels.train",
         description="Zeroth-order (DeepZero) training: ZO-GraSP layer densities, sparse CGE with "
