@@ -324,12 +324,16 @@ def parse_args(argv=None):
         for k, v in explicit.items():
             if k in RESUME_FREE:
                 continue
+            if k == "epochs" and isinstance(saved.get(k), int) and v > saved[k]:
+                continue  # extends the run (run() recomputes the lr schedule for the new length)
             if k in saved and saved[k] != v:
                 p.error(f"--{k.replace('_', '-')} {v} differs from the run being resumed "
                         f"({saved[k]}); a resumed run keeps its configuration")
         merged = {**ADDED_FLAGS, **saved}
         merged.update({k: v for k, v in vars(a).items() if k in RESUME_FREE})
         merged.update({k: v for k, v in explicit.items() if k in RESUME_FREE})
+        if isinstance(saved.get("epochs"), int) and explicit.get("epochs", 0) > saved["epochs"]:
+            merged["epochs"] = explicit["epochs"]  # extends the run
         merged["out"] = a.resume
         a = argparse.Namespace(**{**vars(a), **merged})
     validate(p, a)
@@ -548,8 +552,10 @@ def load_checkpoint(run_dir: str, cfg: dict) -> dict:
     if problem:
         raise CheckpointError(f"checkpoint {path} is corrupt ({problem}); it was left untouched")
     saved = {**ADDED_FLAGS, **ck.get("config", {})}
+    extends = isinstance(saved.get("epochs"), int) and isinstance(cfg.get("epochs"), int) \
+        and cfg["epochs"] > saved["epochs"]
     diff = {k: (saved.get(k), cfg.get(k)) for k in set(saved) | set(cfg)
-            if k not in RESUME_FREE and saved.get(k) != cfg.get(k)}
+            if k not in RESUME_FREE and saved.get(k) != cfg.get(k) and not (k == "epochs" and extends)}
     if diff:
         raise CheckpointError(f"checkpoint {path} does not match {run_dir}/config.json: "
                               + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in sorted(diff.items())))
@@ -1008,6 +1014,19 @@ def backend_in_use(cfg: dict, device) -> str:
         return cfg["backend"]
 
 
+def _extend(rc: _Run, state: TrainState, old_epochs: int, n_params: int, d_active) -> None:
+    """``--resume DIR --epochs N`` past the saved length: the lr schedule is recomputed for N epochs
+    from the current step on (a new schedule: a run started with N epochs would differ), and
+    config.json records N."""
+    lam = state.sched.lr_lambdas[0]
+    lam.total_steps = rc.total_steps
+    for g, base in zip(state.opt.param_groups, state.sched.base_lrs):
+        g["lr"] = base * lam(state.sched.last_epoch)
+    _write_run_files(rc, state, n_params, d_active)
+    rc.log(f"extending the run from {old_epochs} to {rc.cfg['epochs']} epochs: the learning-rate schedule is "
+           f"recomputed for {rc.cfg['epochs']} epochs from here")
+
+
 def _write_run_files(rc: _Run, state: TrainState, n_params: int, d_active) -> None:
     """config.json (config and derived sizes) and densities.json of a fresh run."""
     ds = rc.ds
@@ -1314,6 +1333,9 @@ def run(cfg: dict, log=None) -> dict:
               steps_per_epoch * cfg["epochs"], est is not None and has_running_stats(model))
     if ck is not None:
         state = _restore(rc, ck, model, opt, sched, gens)
+        old_epochs = ck["config"]["epochs"]
+        if cfg["epochs"] > old_epochs and not dry:
+            _extend(rc, state, old_epochs, n_params, d_active)
         left = rc.total_steps - (state.epoch * steps_per_epoch + state.step)
         if left > 0 or dry:  # what is left of the run
             _check_cost(log, cfg, model, ds, device, densities, steps=left, epochs=cfg["epochs"] - state.epoch,

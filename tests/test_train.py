@@ -338,3 +338,24 @@ def test_bad_dataset_files_are_clear_errors(tmp_path, capsys):
     assert "cannot read dataset file" in capsys.readouterr().err
     assert train.main(TINY[6:] + ["--dataset", str(tmp_path / "missing.npz")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, capsys):
+    """--resume DIR --epochs N past the saved length continues the run (lr schedule recomputed for
+    N epochs, config.json updated); fewer epochs than saved is still an error."""
+    out = tmp_path / "run"
+    base = TINY + ["--estimator", "fo", "--sparsity", "0"]
+    assert train.main(base + ["--epochs", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", str(out), "--epochs", "3", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "extending the run from 1 to 3 epochs" in text
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rec] == [1, 2, 3]
+    assert rec[1]["lr"] > rec[2]["lr"] == pytest.approx(0.0, abs=1e-12), "cosine to 0 over the new length"
+    assert rec[1]["lr"] > 0
+    assert json.loads((out / "config.json").read_text())["config"]["epochs"] == 3
+    assert train.main(["--resume", str(out), "--no-progress"]) == 0  # finished: nothing left to do
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
+    assert e.value.code == 2 and "differs from the run being resumed" in capsys.readouterr().err
