@@ -844,7 +844,7 @@ def _check_mu_flag(cfg: dict, model: nn.Module) -> None:
             raise UsageError(f"--mu {cfg['mu']:g}: {e}") from None
 
 
-def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, device) -> tuple:
+def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, device, log=None) -> tuple:
     """Layer densities of ``--sparsity-method`` (None when dense) and ZO-GraSP's cost. ZO-GraSP
     scores one training batch drawn from its own generator (paper: q = 192, the same mu)."""
     if cfg["sparsity_method"] == "none":
@@ -854,10 +854,16 @@ def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, dev
     idx = torch.randperm(ds.x_train.shape[0], generator=gens["grasp"])[:cfg["batch_size"]]
     xb = ds.prepare(ds.x_train[idx].to(device), train=False)
     t0 = time.perf_counter()
+    if log is not None:  # the one long step before training with no progress of its own
+        log(f"ZO-GraSP: scoring {len(prunable_weights(model))} weight tensors with {cfg['grasp_q']} random "
+            f"directions ({2 * cfg['grasp_q'] + 2} queries on one batch of {xb.shape[0]}) ...")
     scores = zo_grasp_scores(model, xb, ds.y_train[idx].to(device), q=cfg["grasp_q"], mu=cfg["mu"],
                              generator=gens["grasp"])
     densities = layer_densities(prune_masks(scores, cfg["sparsity"]))
-    return densities, {"seconds": time.perf_counter() - t0, "queries": 2 * cfg["grasp_q"] + 2}
+    seconds = time.perf_counter() - t0
+    if log is not None:
+        log(f"ZO-GraSP: done in {_duration(seconds)}")
+    return densities, {"seconds": seconds, "queries": 2 * cfg["grasp_q"] + 2}
 
 
 def _timed(fn) -> float:
@@ -1327,7 +1333,7 @@ def run(cfg: dict, log=None) -> dict:
         if dry:
             return {"dry_run": True, "interrupted": False}
     densities, grasp = (ck["densities"], ck["grasp"]) if ck is not None else \
-        choose_densities(cfg, model, ds, gens, device)
+        choose_densities(cfg, model, ds, gens, device, log)
     est, d_active = build_estimator(cfg, model, densities, distributed=dist_on)
     rc = _Run(cfg, semantic, device, ds, est, ckpt, log, progress, dist_on, steps_per_epoch,
               steps_per_epoch * cfg["epochs"], est is not None and has_running_stats(model))

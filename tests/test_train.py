@@ -359,3 +359,14 @@ def test_resume_with_more_epochs_extends_a_finished_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(out), "--epochs", "2", "--no-progress"])
     assert e.value.code == 2 and "differs from the run being resumed" in capsys.readouterr().err
+
+
+@needs_engine
+def test_log_says_what_happens_before_training(capsys):
+    """Before the first epoch line: the projected cost, then ZO-GraSP's start and end, then the
+    engine's report after the first step."""
+    assert train.main(TINY + ["--epochs", "1", "--sparsity", "0.5"]) == 0
+    text = capsys.readouterr().out
+    marks = ["cost:", "ZO-GraSP: scoring", "ZO-GraSP: done in", "engine:", "epoch   1/1"]
+    pos = [text.index(m) for m in marks]
+    assert pos == sorted(pos), text
