@@ -346,8 +346,11 @@ class DeltaEngine:
         # the engine's life, and for the last call in ``last_report``.
         self.fallback_counts = collections.Counter()
         self.last_report = EngineReport()
-        # Why the last call did not use the delta path ('' when it did): for users and tests.
-        self.last_fallback_reason = ""
+
+    @property
+    def last_fallback_reason(self) -> str:
+        """Why the last call did not use the delta path ('' when it did): ``last_report.reason``."""
+        return self.last_report.reason
 
     def _warn_once(self, key, msg):
         if key not in self._warned:
@@ -538,11 +541,9 @@ class DeltaEngine:
                     base = self.base_pass(tr.graph, x)
                     yb = base[next(n for n in tr.graph.nodes if n.op == "output")]
                     if isinstance(yb, torch.Tensor) and yb.shape == reference.shape and torch.equal(yb, reference):
-                        self.last_fallback_reason = ""
                         return self._run_traced(tr.graph, base, x, targets, coords, mu, on_chunk)
                     why = "the traced forward does not reproduce model(x) bitwise"
                 self._warn_once(why, f"{why}; using the exact but slower batched functional evaluation.")
-            self.last_fallback_reason = why
             report.path, report.reason, report.whole_model = "functional", why, report.perturbations
             return self._run_functional(reference, x, targets, coords, mu, on_chunk)
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["SimpleCNN", "MLP", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44",
-           "resnet56", "resnet18", "InvertedResidual", "MobileNetV2", "mobilenet_v2", "StochasticDepth",
+           "resnet56", "resnet18", "FeaturesHead", "InvertedResidual", "MobileNetV2", "mobilenet_v2", "StochasticDepth",
            "SqueezeExcite", "MBConv", "EfficientNet", "efficientnet_b0", "DenseLayer", "DenseNet", "densenet",
            "ShuffleUnit", "ShuffleNetV2", "shufflenet_v2", "LayerNorm2d", "ConvNeXtBlock", "ConvNeXt", "convnext",
            "ViTBlock", "ViT", "vit", "ARCHITECTURES", "build_model", "user_model"]
@@ -150,6 +150,14 @@ def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> Ci
                        blocks=(2, 2, 2, 2))
 
 
+class FeaturesHead(nn.Module):
+    """The layout of the modern architectures: ``features`` (an ``nn.Sequential`` of the stem and the
+    blocks) then ``forward_head``; the paper's feature-reuse baseline caches every block's input."""
+
+    def forward(self, x):
+        return self.forward_head(self.features(x))
+
+
 class InvertedResidual(nn.Module):
     """MobileNetV2's block: 1x1 expansion (BN, ReLU6), 3x3 depthwise (BN, ReLU6), 1x1 linear
     projection (BN), with the identity added when the shape is kept."""
@@ -169,7 +177,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(FeaturesHead):
     """MobileNetV2 (Sandler et al., 2018) for 32x32 inputs: the stem and the first two stages keep
     stride 1 (the common CIFAR variant), ``width_mult`` scales every width (rounded to a multiple
     of 8, at least 8)."""
@@ -194,9 +202,6 @@ class MobileNetV2(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(last, num_classes)
-
-    def forward(self, x):
-        return self.forward_head(self.features(x))
 
     def forward_head(self, h):
         return self.fc(torch.flatten(self.pool(h), 1))
@@ -265,7 +270,7 @@ class MBConv(nn.Module):
         return x + self.drop(out) if self.residual else out
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(FeaturesHead):
     """EfficientNet-B0 (Tan & Le, 2019) for 32x32 inputs: the B0 stages (expansion, channels, blocks,
     stride, kernel) with the stem and the first downsampling stage at stride 1, ``width_mult`` on every
     width, ``depth_mult`` on block counts, stochastic depth rising linearly to ``drop_path``; ``stages``
@@ -295,9 +300,6 @@ class EfficientNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(last or c, num_classes)
 
-    def forward(self, x):
-        return self.forward_head(self.features(x))
-
     def forward_head(self, h):
         return self.fc(h.mean([2, 3]))
 
@@ -322,7 +324,7 @@ class DenseLayer(nn.Module):
         return torch.cat([x, self.conv2(F.relu(self.bn2(h)))], 1)
 
 
-class DenseNet(nn.Module):
+class DenseNet(FeaturesHead):
     """A DenseNet-BC block stack for 32x32 inputs: a 3x3 stem of ``2 growth`` channels, dense blocks of
     ``blocks[i]`` layers joined by transitions (BN-ReLU-conv1x1 halving the channels, 2x2 average pool),
     BN-ReLU, global average pooling and a linear classifier."""
@@ -342,9 +344,6 @@ class DenseNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(c)
         self.fc = nn.Linear(c, num_classes)
-
-    def forward(self, x):
-        return self.forward_head(self.features(x))
 
     def forward_head(self, h):
         return self.fc(F.adaptive_avg_pool2d(F.relu(self.bn(h)), 1).flatten(1))
@@ -386,7 +385,7 @@ class ShuffleUnit(nn.Module):
         return channel_shuffle(out, 2)
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(FeaturesHead):
     """ShuffleNetV2 for 32x32 inputs: a 3x3 stem (no max pool), three stages of (4, 8, 4) units at
     ``widths`` (0.5x by default), a 1x1 conv, mean pooling and a linear classifier."""
 
@@ -401,9 +400,6 @@ class ShuffleNetV2(nn.Module):
         layers.append(nn.Sequential(nn.Conv2d(c, widths[-1], 1, bias=False), nn.BatchNorm2d(widths[-1]), nn.ReLU()))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(widths[-1], num_classes)
-
-    def forward(self, x):
-        return self.forward_head(self.features(x))
 
     def forward_head(self, h):
         return self.fc(h.mean([2, 3]))
@@ -439,7 +435,7 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop(h.permute(0, 3, 1, 2))
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(FeaturesHead):
     """A ConvNeXt block stack for 32x32 inputs: a 2x2 stride-2 patchify stem with LayerNorm, stages of
     ``depths`` blocks at ``dims`` joined by LayerNorm + 2x2 stride-2 convs, mean pooling, LayerNorm and
     a linear classifier. ``layer_scale`` initialises gamma (1e-6 in the paper; 0.1 by default here so
@@ -459,9 +455,6 @@ class ConvNeXt(nn.Module):
         self.features = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.fc = nn.Linear(dims[-1], num_classes)
-
-    def forward(self, x):
-        return self.forward_head(self.features(x))
 
     def forward_head(self, h):
         return self.fc(self.norm(h.mean([-2, -1])))
@@ -503,7 +496,7 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class ViT(nn.Module):
+class ViT(FeaturesHead):
     """A small Vision Transformer (Dosovitskiy et al., 2021) for 32x32 inputs: 4x4 patches (64 tokens
     and a class token), ``depth`` pre-norm blocks of width ``dim``, a LayerNorm and a linear head on
     the class token."""
@@ -517,9 +510,6 @@ class ViT(nn.Module):
                                       *[ViTBlock(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, x):
-        return self.forward_head(self.features(x))
 
     def forward_head(self, h):
         return self.fc(self.norm(h[:, 0]))
