@@ -30,7 +30,8 @@ from .kernels import get as get_kernels
 from .ops import check_count, resolve_backend
 from .precision import check_delta_precision, full_fp32
 
-__all__ = ["DeltaEngine", "EngineReport", "per_sample_cross_entropy", "default_memory_budget", "query_loss"]
+__all__ = ["DeltaEngine", "EngineReport", "PartialRun", "per_sample_cross_entropy", "default_memory_budget",
+           "query_loss"]
 
 _GiB = 1 << 30
 _CPU_CACHE_TARGET = 8 << 20  # bytes of one delta tensor that keep a chunk in a CPU's caches
@@ -150,6 +151,79 @@ class EngineReport:
         if self.whole_model:
             text += f"; {self.whole_model} perturbations of parameters outside the trace by whole-model forwards"
         return text
+
+
+class PartialRun:
+    """The loss changes one :meth:`DeltaEngine.run` has finished, chunk by chunk, so that an
+    interrupted estimate continues where it stopped. A resumed run recomputes the unperturbed pass
+    (checked bitwise against the one recorded here: a different batch or model is refused) and
+    then evaluates only the chunks not done, with the chunk lengths recorded here: every
+    coordinate's loss change comes from the same chunk as in an uninterrupted run, so the result
+    is bitwise the same. Its fields are only ever extended after a chunk's rows are written, so
+    the record is consistent whenever an interrupt arrives."""
+
+    def __init__(self):
+        self.base_loss = None  # (B,) float64 of the unperturbed batch
+        self.rows = {}  # name -> (n, B) float64; rows [0, done[name]) are final
+        self.done = {}  # name -> rows finished
+        self.chunk = {}  # name -> chunk length after the first chunk (which measures the working set)
+
+    @property
+    def perturbations(self) -> int:
+        return sum(self.done.values())
+
+    def state_dict(self) -> dict:
+        """CPU tensors of the finished rows only (what a checkpoint stores)."""
+        return {"base_loss": None if self.base_loss is None else self.base_loss.cpu(),
+                "rows": {n: self.rows[n][:d].cpu() for n, d in self.done.items()},
+                "done": dict(self.done), "chunk": dict(self.chunk)}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "PartialRun":
+        """Raises ValueError when ``sd`` is not a partial run's record."""
+        pr = cls()
+        try:
+            pr.base_loss, rows, pr.done, pr.chunk = sd["base_loss"], sd["rows"], dict(sd["done"]), dict(sd["chunk"])
+            ok = (set(rows) == set(pr.done) and all(isinstance(d, int) and d >= 0 for d in pr.done.values())
+                  and all(isinstance(c, int) and c >= 1 for c in pr.chunk.values())
+                  and isinstance(pr.base_loss, torch.Tensor) and pr.base_loss.dim() == 1
+                  and all(isinstance(r, torch.Tensor) and r.dtype == torch.float64
+                          and tuple(r.shape) == (pr.done[n], pr.base_loss.shape[0]) for n, r in rows.items()))
+        except (KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise ValueError("not the record of a partial estimate (fields base_loss, rows, done, chunk)")
+        pr.rows = dict(rows)
+        return pr
+
+    def start(self, base_loss: torch.Tensor) -> None:
+        """Record the unperturbed losses, or check them against the recorded ones."""
+        if self.base_loss is None:
+            self.base_loss = base_loss.detach().clone()
+        elif self.base_loss.shape != base_loss.shape or not torch.equal(self.base_loss.to(base_loss.device),
+                                                                         base_loss):
+            raise ValueError("the partial estimate was made on another batch or model (its unperturbed losses "
+                             "differ): it cannot be continued")
+
+    def rows_for(self, name: str, n: int, b: int, device) -> tuple:
+        """``(out, done, chunk)``: the (n, b) result of ``name`` with its finished rows filled in,
+        and the chunk length to go on with (None: not measured yet)."""
+        done = self.done.get(name, 0)
+        if done > n or (done and name not in self.chunk):
+            raise ValueError(f"the partial estimate of {name} has {done} rows done, but {n} coordinates are "
+                             "estimated now")
+        out = self.rows.get(name)
+        if out is None or out.shape != (n, b) or out.device != torch.device(device):
+            full = torch.empty((n, b), dtype=torch.float64, device=device)
+            if done:
+                full[:done] = self.rows[name][:done].to(device)
+            out = self.rows[name] = full
+        return out, done, self.chunk.get(name)
+
+    def finished(self, name: str, done: int, chunk: int) -> None:
+        """Rows [0, done) of ``name`` are final; the chunks go on with length ``chunk``."""
+        self.chunk[name] = chunk
+        self.done[name] = done
 
 
 class _Selected(nn.Module):
@@ -517,10 +591,13 @@ class DeltaEngine:
         return out, changed
 
     @torch.no_grad()
-    def run(self, x: torch.Tensor, targets, coords: dict, mu: float, *, on_chunk=None):
+    def run(self, x: torch.Tensor, targets, coords: dict, mu: float, *, on_chunk=None, partial=None):
         """Loss changes for every coordinate set in ``coords`` (name -> 1-D LongTensor of flat
         indices). Returns ``(base_output, base_losses (B,), {name: (K_name, B) float64})``.
-        Parameters are processed from the last layer to the first; buffers are restored."""
+        Parameters are processed from the last layer to the first; buffers are restored.
+        ``partial``: a :class:`PartialRun` that records the finished chunks as they complete (and
+        from which an interrupted call on the same batch and coordinates continues)."""
+        partial = PartialRun() if partial is None else partial
         # Precision is the engine's: values in full float32 (no TF32), see precision.py.
         self.last_report = report = EngineReport(perturbations=sum(int(c.numel()) for c in coords.values()))
         with model_lock(self.model), preserved_buffers(self.model), full_fp32():
@@ -541,13 +618,16 @@ class DeltaEngine:
                     base = self.base_pass(tr.graph, x)
                     yb = base[next(n for n in tr.graph.nodes if n.op == "output")]
                     if isinstance(yb, torch.Tensor) and yb.shape == reference.shape and torch.equal(yb, reference):
-                        return self._run_traced(tr.graph, base, x, targets, coords, mu, on_chunk)
+                        return self._run_traced(tr.graph, base, x, targets, coords, mu, on_chunk, partial)
                     why = "the traced forward does not reproduce model(x) bitwise"
                 self._warn_once(why, f"{why}; using the exact but slower batched functional evaluation.")
             report.path, report.reason, report.whole_model = "functional", why, report.perturbations
-            return self._run_functional(reference, x, targets, coords, mu, on_chunk)
+            return self._run_functional(reference, x, targets, coords, mu, on_chunk, partial)
 
-    def _run_traced(self, graph, base, x, targets, coords, mu, on_chunk):
+    def _run_traced(self, graph, base, x, targets, coords, mu, on_chunk, partial):
+        """Length: the chunk loop over a parameter's nodes is one piece (working set, live set,
+        freeing deltas at their last use, the partial record); split, its state would travel
+        through a half-dozen arguments."""
         out_node = next(n for n in graph.nodes if n.op == "output")
         yb = base[out_node]
         p = _Pass(self, base)
@@ -555,6 +635,7 @@ class DeltaEngine:
         p.kernels = self.kernels if self.kernels is not None else None if name == "torch" else get_kernels(name)
         p.targets = targets
         p.base_loss = self.call_loss(yb, targets).double()
+        partial.start(p.base_loss)
         order = {n: i for i, n in enumerate(graph.nodes)}
         params = dict(self.model.named_parameters())
         by_id = param_sources(graph, self.root, self.modules)
@@ -578,13 +659,13 @@ class DeltaEngine:
             p.affected = affected_nodes(src_path)
             # Last use of each node, so deltas are freed as soon as nothing needs them.
             last_use = last_uses(nodes[order[start]:])
-            # Every call chunks the same way (a first chunk of one, which measures the working
-            # set, then chunks sized from it), so results never depend on call history.
-            kmax = self.chunk_size or 1
             # One (n, B) result per parameter, filled chunk by chunk: small tensors kept per chunk
             # between the chunks' large temporaries fragment the heap (RSS grew ~1 MB per
             # perturbation on ResNet-20 at batch 128).
-            out, lo = torch.empty((n, yb.shape[0]), dtype=torch.float64, device=yb.device), 0
+            out, lo, kmax = partial.rows_for(name, n, yb.shape[0], yb.device)
+            # Every call chunks the same way (a first chunk of one, which measures the working
+            # set, then chunks sized from it), so results never depend on call history.
+            kmax = kmax or self.chunk_size or 1
             while lo < n:
                 ci = idx[lo:lo + kmax]
                 lo += ci.numel()
@@ -610,10 +691,11 @@ class DeltaEngine:
                         if last_use.get(a) is nd and a in p.reps and a is not out_node.args[0]:
                             del p.reps[a]
                 out[lo - p.k:lo] = self.loss_change(p, out_node, p.reps.get(out_node.args[0]), targets)
-                if on_chunk is not None:
-                    on_chunk(name, p.k)
                 if lo == p.k and self.chunk_size is None:
                     kmax = self.chunk_size_for(working_set, n, x.device, live_set)
+                partial.finished(name, lo, kmax)
+                if on_chunk is not None:
+                    on_chunk(name, p.k)
             result[name] = out
         if unplaced:
             # A parameter no graph node holds (used outside what fx recorded): never zero-fill it,
@@ -623,24 +705,25 @@ class DeltaEngine:
                             "estimated with whole-model forwards (exact, slower).")
             self.last_report.whole_model += sum(int(coords[nm].numel()) for nm in unplaced)
             _, _, more = self._run_functional(yb, x, targets, {nm: coords[nm] for nm in unplaced}, mu, on_chunk,
-                                              base_loss=p.base_loss)
+                                              partial, base_loss=p.base_loss)
             result.update(more)
         return yb, p.base_loss, result
 
     # ------------------------------------------------------------------ untraceable models
-    def _run_functional(self, yb, x, targets, coords, mu, on_chunk, base_loss=None):
+    def _run_functional(self, yb, x, targets, coords, mu, on_chunk, partial, base_loss=None):
         """Whole-model forwards of perturbed copies of each parameter (vmap over a chunk, else
         one at a time); the user's parameters are never written."""
         if base_loss is None:
             base_loss = self.call_loss(yb, targets).double()
+            partial.start(base_loss)
         params = {n: t.detach() for n, t in self.model.named_parameters()}
         result = {}
         for name, idx in coords.items():
             param = params[name]
             n = idx.numel()
-            kmax = self.chunk_size or max(1, min(n, 64))
-            res = torch.empty((n, yb.shape[0]), dtype=torch.float64, device=yb.device)  # see _run_traced
-            for lo in range(0, n, kmax):
+            res, done, kmax = partial.rows_for(name, n, yb.shape[0], yb.device)  # see _run_traced
+            kmax = kmax or self.chunk_size or max(1, min(n, 64))
+            for lo in range(done, n, kmax):
                 ci = idx[lo:lo + kmax]
                 k = ci.numel()
                 pert = param.reshape(1, -1).repeat(k, 1)
@@ -650,6 +733,7 @@ class DeltaEngine:
                 b = yb.shape[0]
                 losses = self.call_loss(out.reshape((k * b,) + tuple(yb.shape[1:])), repeat_targets(targets, k))
                 res[lo:lo + k] = losses.reshape(k, b).double() - base_loss[None, :]
+                partial.finished(name, lo + k, kmax)
                 if on_chunk is not None:
                     on_chunk(name, k)
             result[name] = res

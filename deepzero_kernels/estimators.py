@@ -229,7 +229,7 @@ class CGE(_Estimator):
         return self.engine.last_report
 
     @_holding_model_lock
-    def estimate(self, x, y, masks=None, *, on_chunk=None) -> dict:
+    def estimate(self, x, y, masks=None, *, on_chunk=None, partial=None) -> dict:
         """Estimate the gradient of the mean loss on batch ``(x, y)``.
 
         Args:
@@ -237,6 +237,10 @@ class CGE(_Estimator):
             masks: optional ``{name: bool tensor}``; coordinates outside a mask get 0. A
                 parameter without a mask is estimated densely; an all-False mask estimates nothing.
             on_chunk: optional callback ``on_chunk(param_name, k)`` after each chunk (progress).
+            partial: optional :class:`~deepzero_kernels.engine.PartialRun` that records the
+                chunks as they finish; an estimate interrupted (an exception from ``on_chunk``,
+                Ctrl-C) continues from it when called again with the same batch, masks and
+                model, bitwise equal to an uninterrupted estimate. Save it with ``state_dict()``.
         Returns:
             ``{name: tensor}`` for every parameter with ``requires_grad``, shaped like it.
         """
@@ -253,7 +257,8 @@ class CGE(_Estimator):
         calls0, samples0 = self.engine.num_loss_calls, self.engine.num_loss_samples
         try:
             with explained_errors(self.model, x, y, self.loss_fn):
-                out, base_loss, diffs = self.engine.run(x, y, coords, self.mu, on_chunk=on_chunk)
+                out, base_loss, diffs = self.engine.run(x, y, coords, self.mu, on_chunk=on_chunk,
+                                                        partial=partial)
         finally:
             self._count_queries(self.engine.num_loss_calls - calls0, self.engine.num_loss_samples - samples0)
         self.last_seconds = time.perf_counter() - t0
@@ -309,10 +314,11 @@ class RGE(_Estimator):
         return u.to(device=p0.device, dtype=p0.dtype)
 
     @_holding_model_lock
-    def estimate(self, x, y, generator=None, *, names=None, directions=None) -> dict:
+    def estimate(self, x, y, generator=None, *, names=None, directions=None, on_chunk=None) -> dict:
         """Estimate the gradient on ``(x, y)``; returns ``{name: tensor}`` for every trainable
         parameter. ``generator`` seeds the directions; ``names`` restricts the perturbed
-        parameters (others get 0); ``directions`` supplies the ``(q, d)`` directions directly."""
+        parameters (others get 0); ``directions`` supplies the ``(q, d)`` directions directly;
+        ``on_chunk(k)`` is called after each chunk of k directions (progress)."""
         params = self.trainable()
         check_batch(self.model, x, y, self.loss_fn)
         names = list(params) if names is None else list(names)
@@ -334,7 +340,8 @@ class RGE(_Estimator):
         try:
             with explained_errors(self.model, x, y, self.loss_fn):
                 diffs, out, base_loss = batched_losses(self.model, tail, x, y, names, self.mu * u,
-                                                       chunk_size=self.chunk_size, output_fn=self.output_fn)
+                                                       chunk_size=self.chunk_size, output_fn=self.output_fn,
+                                                       on_chunk=on_chunk)
         finally:
             self._count_queries(*calls)
         self.last_seconds = time.perf_counter() - t0
@@ -355,7 +362,7 @@ class RGE(_Estimator):
 
 
 @torch.no_grad()
-def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, output_fn=None):
+def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, output_fn=None, on_chunk=None):
     """Per-sample loss changes ``(Q, B)`` (float64) of the model with the parameters ``names``
     shifted by each row of ``steps`` ``(Q, d)`` (concatenated in ``names`` order), evaluated as
     vmapped batches of functional calls. Returns ``(diffs, base_output, base_losses)``. Buffers
@@ -394,4 +401,6 @@ def batched_losses(model, loss_fn, x, y, names, steps, *, chunk_size=None, outpu
             b = x.shape[0]
             losses = check_losses(loss_fn(out.reshape((k * b,) + tuple(out.shape[2:])), repeat_targets(y, k)), k * b)
             diffs.append(losses.reshape(k, b).double() - base[None, :])
+            if on_chunk is not None:
+                on_chunk(k)
         return torch.cat(diffs), base_out, base

@@ -35,21 +35,21 @@ def prunable_weights(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def zo_hessian_gradient(model, x, y, *, names=None, q=192, mu=5e-3, loss_fn=None, generator=None):
+def zo_hessian_gradient(model, x, y, *, names=None, q=192, mu=5e-3, loss_fn=None, generator=None, on_chunk=None):
     """ZO estimate of the Hessian-gradient product for the parameters ``names``:
     ``Hg ~ (g(theta + mu g) - g(theta)) / mu`` with ``g`` the RGE estimate over q directions.
     Returns ``(hg, g)``, dicts over ``names``. Parameters are restored bitwise."""
     names = prunable_weights(model) if names is None else list(names)
     rge = RGE(model, loss_fn, mu, q, scale="paper")  # eq. (3) with g from eq. (1) as printed
     u = rge.directions(names, generator)
-    g0 = rge.estimate(x, y, names=names, directions=u)
+    g0 = rge.estimate(x, y, names=names, directions=u, on_chunk=on_chunk)
     with model_lock(model):  # the parameters are shifted in place: no other estimate may run meanwhile
         params = dict(model.named_parameters())
         saved = {n: params[n].detach().clone() for n in names}
         try:
             for n in names:
                 params[n].add_(g0[n], alpha=mu)
-            g1 = rge.estimate(x, y, names=names, directions=u)
+            g1 = rge.estimate(x, y, names=names, directions=u, on_chunk=on_chunk)
         finally:
             for n in names:
                 params[n].copy_(saved[n])
@@ -57,7 +57,7 @@ def zo_hessian_gradient(model, x, y, *, names=None, q=192, mu=5e-3, loss_fn=None
     return hg, {n: g0[n] for n in names}
 
 
-def zo_grasp_scores(model, x, y, *, q=192, mu=5e-3, loss_fn=None, generator=None) -> dict:
+def zo_grasp_scores(model, x, y, *, q=192, mu=5e-3, loss_fn=None, generator=None, on_chunk=None) -> dict:
     """ZO-GraSP scores, eq. (3), for every conv/linear weight: ``-theta * Hg`` with the
     Hessian-gradient product estimated from q random directions (RGE) at step ``mu``.
 
@@ -65,6 +65,7 @@ def zo_grasp_scores(model, x, y, *, q=192, mu=5e-3, loss_fn=None, generator=None
         model: the network at initialisation. x, y: a batch. q: directions (paper: 192).
         mu: finite-difference step (paper: 5e-3). loss_fn: per-sample loss (default CE).
         generator: ``torch.Generator`` for the directions.
+        on_chunk: optional ``on_chunk(k)`` after each chunk of k perturbed queries (2q in all).
     Returns:
         ``{weight name: score tensor}`` shaped like each weight.
     """
@@ -73,7 +74,8 @@ def zo_grasp_scores(model, x, y, *, q=192, mu=5e-3, loss_fn=None, generator=None
     names = prunable_weights(model)
     if not names:
         raise ValueError("the model has no trainable conv or linear weights to score")
-    hg, _ = zo_hessian_gradient(model, x, y, names=names, q=q, mu=mu, loss_fn=loss_fn, generator=generator)
+    hg, _ = zo_hessian_gradient(model, x, y, names=names, q=q, mu=mu, loss_fn=loss_fn, generator=generator,
+                                on_chunk=on_chunk)
     params = dict(model.named_parameters())
     return {n: -(params[n].detach() * hg[n]) for n in names}
 

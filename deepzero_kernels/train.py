@@ -26,9 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as D
+from .engine import PartialRun
 from .estimators import CGE, RGE
 from .models import ARCHITECTURES, build_model
 from .ops import check_mu
+from .progress import Progress, hms
 from .pruning import layer_densities, prunable_weights, prune_masks, random_masks, zo_grasp_scores
 from .runtime import rss_bytes
 
@@ -36,7 +38,7 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT = "deepzero_kernels.train/1"
 MODELS = ("cnn", *ARCHITECTURES, "mlp")
 # Flags that only change speed or display: they may differ when a run is resumed.
-RESUME_FREE = {"resume", "out", "progress", "threads", "device", "backend", "memory_budget",
+RESUME_FREE = {"resume", "out", "progress", "progress_interval", "threads", "device", "backend", "memory_budget",
                "eval_batch_size", "dist_timeout", "check_every", "dry_run", "max_hours"}
 # Flags added after the checkpoint format was fixed: what runs that predate them used.
 ADDED_FLAGS = {"delta_precision": "fp32"}
@@ -158,7 +160,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--resume", default=d(None), metavar="DIR",
                    help="continue the run saved in DIR exactly (its config is reused; default: start a new run)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=d(True),
-                   help="no tqdm progress bar (default: show it)")
+                   help="no progress output (default: a bar on a terminal, a line every --progress-interval "
+                        "seconds otherwise)")
+    g.add_argument("--progress-interval", type=float, default=d(30.0), metavar="SECONDS",
+                   help="seconds between progress lines when stderr is not a terminal (a log file)")
     g.add_argument("--dry-run", action="store_true", default=d(False),
                    help="print the projected cost (a calibration of a few seconds) and exit without training "
                         "or writing anything")
@@ -535,6 +540,8 @@ def checkpoint_problem(ck: dict) -> Optional[str]:
             return f"rng[{k!r}] is not a generator state (uint8 tensor)"
     if not all(isinstance(h, dict) for h in ck["state"]["history"]):
         return "state.history holds a non-record"
+    if ck.get("partial") is not None and ck["state"]["perm"] is None:
+        return "a partial step without the epoch's data order (state.perm)"
     return None
 
 
@@ -567,9 +574,17 @@ def _on_step_end(epoch: int, step: int) -> None:
     """Hook called at every step boundary (tests raise KeyboardInterrupt here)."""
 
 
-class _SigintFlag:
-    """First Ctrl-C: stop at the next step boundary (state consistent, checkpoint written).
-    Second Ctrl-C: the default KeyboardInterrupt, immediately."""
+def _on_tick(where: str) -> None:
+    """Hook called at every point where a first Ctrl-C stops a run: ``"grasp"`` (after a chunk of
+    ZO-GraSP queries), ``"chunk"`` (after a chunk of a step's perturbations), ``"eval"`` (after an
+    evaluation batch). Tests send Ctrl-C from here."""
+
+
+class _Interrupts:
+    """Ctrl-C during a run. The first one stops at the next of these points, seconds away at
+    most: a chunk of a step's perturbations (the finished chunks are checkpointed and the step
+    continues from them on ``--resume``), a ZO-GraSP chunk, an evaluation batch, a step boundary.
+    A second Ctrl-C raises KeyboardInterrupt at once; the run then saves what is consistent."""
 
     def __init__(self):
         self.requested = False
@@ -586,7 +601,12 @@ class _SigintFlag:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step (press again to abort at once)", file=sys.stderr)
+        print("\nCtrl-C: stopping within seconds and saving (press again to abort at once)", file=sys.stderr)
+
+    def check(self, where: str) -> None:
+        _on_tick(where)
+        if self.requested:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         if self.old is not None:
@@ -594,17 +614,25 @@ class _SigintFlag:
 
 
 @torch.no_grad()
-def evaluate(model, ds: D.Dataset, batch_size: int, device) -> tuple:
+def evaluate(model, ds: D.Dataset, batch_size: int, device, *, progress=None, check=None) -> tuple:
+    """Test loss and accuracy in eval mode. ``progress``: a :class:`Progress` over the test
+    samples; ``check()`` is called after every batch (a Ctrl-C stops there)."""
     was = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, ds.x_test.shape[0]
-    for idx in D.batches(n, batch_size, shuffle=False):
-        x = ds.prepare(ds.x_test[idx].to(device), train=False)
-        y = ds.y_test[idx].to(device)
-        out = model(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
-    model.train(was)
+    try:
+        for idx in D.batches(n, batch_size, shuffle=False):
+            x = ds.prepare(ds.x_test[idx].to(device), train=False)
+            y = ds.y_test[idx].to(device)
+            out = model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+            if progress is not None:
+                progress.update(len(idx))
+            if check is not None:
+                check()
+    finally:
+        model.train(was)
     return loss_sum / n, correct / n
 
 
@@ -620,34 +648,31 @@ def _gib(n) -> str:
     return "?" if n is None else f"{n / (1 << 30):.2f}G"
 
 
-def _hms(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
-
-
-def _run_eta(t_start: float, done_steps: int, total_steps: int) -> str:
-    """Time left for the whole run (the bar's own estimate covers the epoch)."""
-    spent = time.perf_counter() - t_start
-    return _hms(spent / max(done_steps, 1) * (total_steps - done_steps)) if done_steps else "?"
+def _run_eta(rc: "_Run", state: "TrainState") -> str:
+    """Time left for the whole run, from the steps done in this process (evaluation included)."""
+    done = state.epoch * rc.steps_per_epoch + state.step - rc.steps_at_start
+    spent = time.perf_counter() - rc.t_start - rc.elapsed_at_start
+    left = rc.total_steps - state.epoch * rc.steps_per_epoch - state.step
+    return hms(spent / done * left) if done > 0 else "?"
 
 
 class _StepProgress:
-    """``on_chunk`` callback of a CGE step: refreshes the bar about once a second with the
-    perturbations done in the step, the epoch's rate and the resident memory, so a step that
-    takes minutes (ResNet-20) still shows progress."""
+    """``on_chunk`` callback of a step's estimate: shows the perturbations done in the step (a
+    ResNet-20 step takes minutes) and the epoch's rate in the epoch's progress, and lets a Ctrl-C
+    stop after the chunk."""
 
-    def __init__(self, bar, ep: dict):
-        self.bar, self.ep = bar, ep
-        self.t0 = self.last = time.perf_counter()
-        self.n = 0
+    def __init__(self, rc: "_Run", state: "TrainState", bar, total: int, done: int = 0):
+        self.rc, self.state, self.bar, self.total, self.n = rc, state, bar, total, done
+        self.t0 = time.perf_counter()
 
-    def __call__(self, name, k, *_):
-        self.n += k
-        now = time.perf_counter()
-        if now - self.last >= 1.0:
-            self.last = now
-            rate = (self.ep["perturbations"] + self.n) / max(self.ep["seconds"] + now - self.t0, 1e-9)
-            self.bar.set_postfix_str(f"step: {self.n} pert, {name}; {rate:.0f} pert/s; rss {_gib(rss_bytes())}")
+    def __call__(self, *args):
+        self.n += args[-1]  # CGE calls (name, k), RGE (k,)
+        if self.bar.due():
+            ep = self.state.ep
+            rate = (ep["perturbations"] + self.n) / max(ep["seconds"] + time.perf_counter() - self.t0, 1e-9)
+            self.bar.note(f"step {self.state.step + 1}: {self.n}/{self.total} perturbations, {rate:,.0f} pert/s, "
+                          f"run ETA {_run_eta(self.rc, self.state)}, rss {_gib(rss_bytes())}")
+        self.rc.interrupts.check("chunk")
 
 
 def setup_summary(cfg: dict, device: torch.device) -> str:
@@ -709,16 +734,26 @@ class TrainState:
     perturbations: int = 0
     forwards: int = 0
     ep: dict = field(default_factory=_new_epoch_stats)  # the current epoch's running sums
+    partial: Optional[PartialRun] = None  # the current step's finished chunks (CGE, mid-step)
 
     COUNTERS = tuple(_STATE_FIELDS)
 
-    def to_checkpoint(self, config: dict) -> dict:
+    def rng_state(self) -> dict:
+        return {**{k: g.get_state() for k, g in self.gens.items()}, "torch": torch.get_rng_state()}
+
+    def to_checkpoint(self, config: dict, step_start_rng: Optional[dict] = None) -> dict:
+        """The checkpoint at a step boundary, or (``step_start_rng``: the generators before the
+        step drew its batch) in the middle of a step, with the step's finished chunks: the model
+        and optimizer are those of the step's start, so ``--resume`` redraws the same batch and
+        continues the step from its chunks."""
+        mid = step_start_rng is not None
         return {"format": FORMAT, "config": config, "model": self.model.state_dict(),
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                 "masks": None if self.masks is None else {k: v.cpu() for k, v in self.masks.items()},
                 "densities": self.densities, "grasp": self.grasp,
-                "rng": {**{k: g.get_state() for k, g in self.gens.items()}, "torch": torch.get_rng_state()},
-                "state": {k: getattr(self, k) for k in self.COUNTERS}}
+                "rng": step_start_rng if mid else self.rng_state(),
+                "state": {k: getattr(self, k) for k in self.COUNTERS},
+                "partial": self.partial.state_dict() if mid and self.partial is not None else None}
 
     @classmethod
     def from_checkpoint(cls, ck: dict, model, opt, sched, gens: dict, device) -> "TrainState":
@@ -732,8 +767,9 @@ class TrainState:
             g.set_state(ck["rng"][k])
         torch.set_rng_state(ck["rng"]["torch"])
         masks = None if ck["masks"] is None else {k: v.to(device) for k, v in ck["masks"].items()}
+        partial = PartialRun.from_state_dict(ck["partial"]) if ck.get("partial") is not None else None
         return cls(model, opt, sched, gens, masks, ck["densities"], ck["grasp"],
-                   **{k: ck["state"][k] for k in cls.COUNTERS})
+                   **{k: ck["state"][k] for k in cls.COUNTERS}, partial=partial)
 
 
 class Checkpointer:
@@ -746,6 +782,7 @@ class Checkpointer:
         self.out_dir = out_dir
         self.enabled = out_dir is not None and enabled
         self.path = None if out_dir is None else os.path.join(out_dir, CHECKPOINT)
+        self.written = False  # by this process
 
     def load(self, config: dict) -> dict:
         return load_checkpoint(self.out_dir, config)
@@ -759,10 +796,12 @@ class Checkpointer:
                                   f"--resume {self.out_dir} or choose another directory")
         os.makedirs(self.out_dir, exist_ok=True)
 
-    def save(self, state: TrainState, config: dict) -> None:
+    def save(self, state: TrainState, config: dict, step_start_rng: Optional[dict] = None) -> None:
+        """Write the checkpoint (see :meth:`TrainState.to_checkpoint`)."""
         if self.enabled:
-            ck = state.to_checkpoint(config)
+            ck = state.to_checkpoint(config, step_start_rng)
             atomic_write_bytes(self.path, lambda f: torch.save(ck, f))
+            self.written = True
 
     def write_text(self, name: str, text: str) -> None:
         if self.enabled:
@@ -797,8 +836,16 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     bn_forward: bool  # estimation leaves BN running stats alone: one plain forward updates them
+    d_active: Optional[int] = None  # coordinates CGE estimates per step
+    interrupts: object = None  # _Interrupts: Ctrl-C handling
     t_start: float = 0.0
-    consistent: bool = True  # False mid-step: an interrupt there must not write a checkpoint
+    elapsed_at_start: float = 0.0  # the run's time before this process (resumed runs)
+    steps_at_start: int = 0  # steps done before this process
+    # What an interrupt may save: True at step boundaries and during evaluation (the whole state);
+    # step_start_rng is set while a step only estimates (model, optimizer untouched): the state of
+    # the step's start with its finished chunks. Neither: the last written checkpoint stands.
+    consistent: bool = True
+    step_start_rng: Optional[dict] = None
     reported: bool = False  # the engine's report (fallback nodes) was printed, after the first step
 
 
@@ -844,9 +891,11 @@ def _check_mu_flag(cfg: dict, model: nn.Module) -> None:
             raise UsageError(f"--mu {cfg['mu']:g}: {e}") from None
 
 
-def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, device, log=None) -> tuple:
+def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, device, log=None, *,
+                     progress: Optional[Progress] = None, check=None) -> tuple:
     """Layer densities of ``--sparsity-method`` (None when dense) and ZO-GraSP's cost. ZO-GraSP
-    scores one training batch drawn from its own generator (paper: q = 192, the same mu)."""
+    scores one training batch drawn from its own generator (paper: q = 192, the same mu);
+    ``progress`` counts its 2q perturbed queries, ``check()`` runs after every chunk of them."""
     if cfg["sparsity_method"] == "none":
         return None, {}
     if cfg["sparsity_method"] == "random":
@@ -854,16 +903,31 @@ def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, dev
     idx = torch.randperm(ds.x_train.shape[0], generator=gens["grasp"])[:cfg["batch_size"]]
     xb = ds.prepare(ds.x_train[idx].to(device), train=False)
     t0 = time.perf_counter()
-    if log is not None:  # the one long step before training with no progress of its own
+    if log is not None:
         log(f"ZO-GraSP: scoring {len(prunable_weights(model))} weight tensors with {cfg['grasp_q']} random "
             f"directions ({2 * cfg['grasp_q'] + 2} queries on one batch of {xb.shape[0]}) ...")
+
+    def on_chunk(k):
+        if progress is not None:
+            progress.update(k)
+        if check is not None:
+            check()
     scores = zo_grasp_scores(model, xb, ds.y_train[idx].to(device), q=cfg["grasp_q"], mu=cfg["mu"],
-                             generator=gens["grasp"])
+                             generator=gens["grasp"], on_chunk=on_chunk)
     densities = layer_densities(prune_masks(scores, cfg["sparsity"]))
     seconds = time.perf_counter() - t0
     if log is not None:
         log(f"ZO-GraSP: done in {_duration(seconds)}")
     return densities, {"seconds": seconds, "queries": 2 * cfg["grasp_q"] + 2}
+
+
+def _densities(cfg, model, ds, gens, device, log, progress: bool, interrupts) -> tuple:
+    """:func:`choose_densities` with its progress bar and Ctrl-C checks."""
+    queries = 2 * cfg["grasp_q"] if cfg["sparsity_method"] == "zo_grasp" else 0
+    with Progress(queries, "ZO-GraSP", unit="queries", enabled=progress and queries > 0,
+                  interval=cfg.get("progress_interval", 30.0)) as bar:
+        return choose_densities(cfg, model, ds, gens, device, log, progress=bar,
+                                check=lambda: interrupts.check("grasp"))
 
 
 def _timed(fn) -> float:
@@ -949,7 +1013,7 @@ def _duration(seconds: float) -> str:
     if seconds < 60:
         return f"{seconds:.3g} s"
     if seconds < 3 * 86400:
-        return _hms(seconds)
+        return hms(seconds)
     return f"{seconds / 86400:.1f} days"
 
 
@@ -1102,15 +1166,18 @@ def _gradient(rc: _Run, state: TrainState, x, y, on_chunk=None) -> tuple:
         out = model(x)
         loss = F.cross_entropy(out, y)
         loss.backward()
+        rc.step_start_rng = None  # the optimizer step follows: no mid-step checkpoint from here
         return out.detach(), loss.item(), 0, 3  # fwd + bwd ~ 3 fwd
     before = est.num_perturbations
     if rc.cfg["estimator"] == "cge":
-        est.backward(x, y, masks=state.masks, **({} if on_chunk is None else {"on_chunk": on_chunk}))
-        if not rc.reported:  # once: which parts of the model run slowly, and why
-            rc.reported = True
-            rc.log(f"engine: {est.last_report}")
+        kw = {} if rc.dist_on else {"partial": state.partial}  # ranks split the coordinates: no partial
+        est.backward(x, y, masks=state.masks, on_chunk=on_chunk, **kw)
     else:
-        est.backward(x, y, generator=state.gens["est"])
+        est.backward(x, y, generator=state.gens["est"], on_chunk=on_chunk)
+    rc.step_start_rng = None  # from here on the step changes the model: no mid-step checkpoint
+    if rc.cfg["estimator"] == "cge" and not rc.reported:  # once: which parts of the model run slowly, and why
+        rc.reported = True
+        rc.log(f"engine: {est.last_report}")
     perts = est.num_perturbations - before
     out, loss_val, fwd = est.last_output, est.last_loss, perts + 1
     if rc.bn_forward:
@@ -1123,7 +1190,8 @@ def _gradient(rc: _Run, state: TrainState, x, y, on_chunk=None) -> tuple:
 def train_step(rc: _Run, state: TrainState, x, y, on_chunk=None) -> StepStats:
     """One optimizer step on ``(x, y)``: the gradient (masked for FO/RGE; CGE estimates only the
     masked coordinates), finiteness checks, the SGD step, the mu check, the lr schedule. Raises
-    :class:`TrainingDiverged` before the step is recorded. ``on_chunk``: CGE's progress callback."""
+    :class:`TrainingDiverged` before the step is recorded. ``on_chunk``: the estimator's progress
+    callback (CGE: after each chunk of coordinates; RGE: after each chunk of directions)."""
     model = state.model
     state.opt.zero_grad(set_to_none=True)
     out, loss_val, perts, fwd = _gradient(rc, state, x, y, on_chunk)
@@ -1166,26 +1234,33 @@ def _record_step(state: TrainState, st: StepStats, seconds: float) -> None:
         ep["rank_seconds"] = [u + v for u, v in zip(prev, st.rank_seconds)]
 
 
-def _run_epoch(rc: _Run, state: TrainState, bar, sigint) -> None:
-    """The remaining steps of the current epoch; a Ctrl-C stops at a step boundary."""
+def _run_epoch(rc: _Run, state: TrainState, bar: Progress) -> None:
+    """The remaining steps of the current epoch (the current one from its finished chunks when
+    resumed mid-step); a Ctrl-C stops after a chunk or at a step boundary."""
     ep = state.ep
-    live = rc.progress and not rc.dist_on and rc.cfg["estimator"] == "cge"  # pert/s during a long step
     while state.step < rc.steps_per_epoch:
         rc.consistent = False
         t0 = time.perf_counter()
+        if not rc.dist_on:  # single process: a Ctrl-C while estimating saves the step's chunks
+            rc.step_start_rng = state.rng_state()
+            if state.partial is None and rc.cfg["estimator"] == "cge":
+                state.partial = PartialRun()
         x, y = _next_batch(rc, state)
-        st = train_step(rc, state, x, y, on_chunk=_StepProgress(bar, ep) if live else None)
+        on_chunk = None
+        if rc.est is not None and not rc.dist_on:
+            total = rc.d_active if rc.cfg["estimator"] == "cge" else rc.est.q
+            on_chunk = _StepProgress(rc, state, bar, total, state.partial.perturbations if state.partial else 0)
+        st = train_step(rc, state, x, y, on_chunk=on_chunk)
+        state.partial = None
         _record_step(state, st, time.perf_counter() - t0)
         rc.consistent = True
         bar.update(1)
-        bar.set_postfix(loss=f"{ep['loss'] / ep['n']:.3f}", acc=f"{100 * ep['correct'] / ep['n']:.1f}",
-                        lr=f"{state.opt.param_groups[0]['lr']:.4f}",
-                        pert_s=f"{ep['perturbations'] / max(ep['seconds'], 1e-9):.0f}",
-                        eta=_run_eta(rc.t_start, state.epoch * rc.steps_per_epoch + state.step, rc.total_steps),
-                        rss=_gib(rss_bytes()), refresh=False)
+        bar.note(f"loss {ep['loss'] / ep['n']:.3f}, acc {100 * ep['correct'] / ep['n']:.1f}%, "
+                 f"lr {state.opt.param_groups[0]['lr']:.4f}, "
+                 f"{ep['perturbations'] / max(ep['seconds'], 1e-9):,.0f} pert/s, run ETA {_run_eta(rc, state)}, "
+                 f"rss {_gib(rss_bytes())}")
         _on_step_end(state.epoch, state.step)
-        if sigint.requested:
-            raise KeyboardInterrupt
+        rc.interrupts.check("step")
 
 
 def _epoch_record(rc: _Run, state: TrainState, test_loss: float, test_acc: float) -> dict:
@@ -1206,9 +1281,12 @@ def _epoch_record(rc: _Run, state: TrainState, test_loss: float, test_acc: float
 def end_epoch(rc: _Run, state: TrainState) -> dict:
     """Evaluate, record the epoch, move to the next one, write the checkpoint and metrics, log
     the epoch's line. Returns the epoch's record."""
-    test_loss, test_acc = evaluate(state.model, rc.ds, rc.cfg["eval_batch_size"], rc.device)
+    with _progress(rc, rc.ds.x_test.shape[0], f"evaluation {state.epoch + 1}", "samples") as bar:
+        test_loss, test_acc = evaluate(state.model, rc.ds, rc.cfg["eval_batch_size"], rc.device, progress=bar,
+                                       check=lambda: rc.interrupts.check("eval"))
     if not math.isfinite(test_loss):
         _diverged(rc, state, f"the test loss is {test_loss}")
+    rc.consistent = False  # the record and the move to the next epoch happen together
     rec = _epoch_record(rc, state, test_loss, test_acc)
     state.history.append(rec)
     if test_acc > state.best_acc:
@@ -1221,9 +1299,11 @@ def end_epoch(rc: _Run, state: TrainState) -> dict:
     rc.ckpt.save(state, rc.semantic)
     rc.ckpt.write_text("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
     rc.ckpt.write_text("metrics.csv", metrics_csv(state.history))
+    rc.consistent = True
     rc.log(f"epoch {rec['epoch']:3d}/{rc.cfg['epochs']}  train loss {rec['train_loss']:.4f} acc "
            f"{100 * rec['train_acc']:5.1f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.1f}%  "
            f"lr {rec['lr']:.4f}  {rec['perturbations_per_s']:.0f} pert/s  {rec['seconds']:.1f}s"
+           + (f"  run ETA {_run_eta(rc, state)}" if state.epoch < rc.cfg["epochs"] else "")
            + ("  [masks redrawn]" if rec["masks_redrawn"] else "")
            + (f"  {rec['ranks']} ranks, estimate s/rank "
               + "/".join(f"{v:.2f}" for v in rec["rank_estimate_seconds"])
@@ -1231,33 +1311,49 @@ def end_epoch(rc: _Run, state: TrainState) -> dict:
     return rec
 
 
+def _progress(rc: _Run, total: int, desc: str, unit: str, initial: int = 0) -> Progress:
+    return Progress(total, desc, unit=unit, enabled=rc.progress, interval=rc.cfg.get("progress_interval", 30.0),
+                    initial=initial)
+
+
 def _train(rc: _Run, state: TrainState) -> bool:
-    """Epochs until ``--epochs``. Returns True when interrupted by Ctrl-C (the checkpoint is
-    written if the state is consistent, i.e. not mid-step)."""
-    from tqdm import tqdm
+    """Epochs until ``--epochs``. Returns True when interrupted by Ctrl-C, after saving what is
+    consistent (:func:`_save_interrupted`)."""
     rc.t_start = time.perf_counter() - state.elapsed
+    rc.elapsed_at_start, rc.steps_at_start = state.elapsed, state.epoch * rc.steps_per_epoch + state.step
     try:
-        with _SigintFlag() as sigint:
-            while state.epoch < rc.cfg["epochs"]:
-                if state.step == 0:
-                    start_epoch(rc, state)
-                bar = tqdm(total=rc.steps_per_epoch, initial=state.step, disable=not rc.progress,
-                           desc=f"epoch {state.epoch + 1}/{rc.cfg['epochs']}", leave=False, dynamic_ncols=True)
-                _run_epoch(rc, state, bar, sigint)
-                bar.close()
-                end_epoch(rc, state)
+        while state.epoch < rc.cfg["epochs"]:
+            if state.perm is None:  # not started (a mid-step checkpoint at step 0 has its order)
+                rc.consistent = False
+                start_epoch(rc, state)
+                rc.consistent = True
+            with _progress(rc, rc.steps_per_epoch, f"epoch {state.epoch + 1}/{rc.cfg['epochs']}", "steps",
+                           initial=state.step) as bar:
+                _run_epoch(rc, state, bar)
+            end_epoch(rc, state)
     except KeyboardInterrupt:
         state.elapsed = time.perf_counter() - rc.t_start
-        if rc.consistent:
-            rc.ckpt.save(state, rc.semantic)
-            out_dir = rc.cfg.get("out")
-            rc.log(f"interrupted at epoch {state.epoch + 1}, step {state.step}"
-                   + (f"; checkpoint written, continue with --resume {out_dir}" if out_dir
-                      else " (no --out: nothing saved)"))
-        else:
-            rc.log("interrupted mid-step; the checkpoint of the last completed epoch is kept")
+        rc.log(_save_interrupted(rc, state))
         return True
     return False
+
+
+def _save_interrupted(rc: _Run, state: TrainState) -> str:
+    """Save what an interrupt left consistent; returns the message that says what was saved."""
+    where = f"epoch {state.epoch + 1}, step {state.step}"
+    if rc.consistent:
+        rc.ckpt.save(state, rc.semantic)
+    elif rc.step_start_rng is not None:
+        done = state.partial.perturbations if state.partial is not None else 0
+        where = (f"epoch {state.epoch + 1}, step {state.step + 1}"
+                 + (f" ({done} of {rc.d_active} perturbations done)" if state.partial is not None
+                    else " (started again on resume)"))
+        rc.ckpt.save(state, rc.semantic, step_start_rng=rc.step_start_rng)
+    else:
+        return f"interrupted at {where} while the step was applied; {rc.ckpt.kept()}"
+    if rc.ckpt.enabled:
+        return f"interrupted at {where}; checkpoint written, continue with --resume {rc.ckpt.out_dir}"
+    return f"interrupted at {where}" + (" (no --out: nothing saved)" if rc.cfg.get("out") is None else "")
 
 
 def metrics_csv(history: list) -> str:
@@ -1301,19 +1397,42 @@ def _report(rc: _Run, state: TrainState, summary: dict) -> None:
 
 def run(cfg: dict, log=None) -> dict:
     """Train with the resolved config ``cfg`` (see :func:`parse_args`); returns a summary dict.
-    Raises :class:`CheckpointError` for unusable checkpoints and ``KeyboardInterrupt`` is turned
-    into ``summary['interrupted'] = True`` after a checkpoint has been written."""
+    Raises :class:`CheckpointError` for unusable checkpoints. A Ctrl-C is turned into
+    ``summary['interrupted'] = True`` after saving what it left consistent (see :class:`_Interrupts`)."""
     dist_on, rank, own_group = _start_distributed(cfg)
     progress = cfg.get("progress", True) and rank == 0
     log = log or ((lambda m: _log(m, progress)) if rank == 0 else (lambda m: None))
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
-    device = resolve_device(cfg["device"])
-    semantic = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
     dry = bool(cfg.get("dry_run"))
     ckpt = Checkpointer(cfg.get("out"), enabled=rank == 0 and not dry)  # a dry run writes nothing
+    semantic = {k: v for k, v in cfg.items() if k not in RESUME_FREE}
     ck = ckpt.load(semantic) if cfg.get("resume") is not None else ckpt.claim()  # before any write
+    with _Interrupts() as interrupts:
+        try:
+            rc, state, sizes = _prepare(cfg, ck, ckpt, semantic, log, progress, dist_on, interrupts)
+        except KeyboardInterrupt:  # during the calibration or ZO-GraSP
+            log(f"interrupted before training started; {ckpt.kept()}")
+            return {"interrupted": True, "dry_run": dry}
+        if rc is None:
+            return {"interrupted": False, "dry_run": True}
+        interrupted = _train(rc, state)
+    summary = _summary(rc, state, interrupted, *sizes)
+    if dist_on:
+        import torch.distributed as tdist
+        summary["ranks"] = tdist.get_world_size()
+        if own_group:
+            tdist.destroy_process_group()
+    _report(rc, state, summary)
+    return summary
 
+
+def _prepare(cfg, ck, ckpt, semantic, log, progress, dist_on, interrupts) -> tuple:
+    """Data, model, optimizer, the cost projection, ZO-GraSP (fresh runs; its result is
+    checkpointed at once) or the restored state. Returns ``(rc, state, (n_params, d_active))``, or
+    ``(None, None, None)`` for a dry run."""
+    dry = bool(cfg.get("dry_run"))
+    device = resolve_device(cfg["device"])
     ds = D.load_dataset(cfg["dataset"], cfg["data_dir"], augment=cfg["augment"], seed=cfg["seed"],
                         synthetic_shape=cfg["synthetic_shape"], synthetic_n=cfg["synthetic_size"]).to(device)
     check_sizes(cfg, ds, device)
@@ -1331,37 +1450,28 @@ def run(cfg: dict, log=None) -> dict:
         _check_cost(log, cfg, model, ds, device, provisional, steps=steps_per_epoch * cfg["epochs"],
                     epochs=cfg["epochs"], grasp=cfg["sparsity_method"] == "zo_grasp", dist_on=dist_on)
         if dry:
-            return {"dry_run": True, "interrupted": False}
-    densities, grasp = (ck["densities"], ck["grasp"]) if ck is not None else \
-        choose_densities(cfg, model, ds, gens, device, log)
+            return None, None, None
+        densities, grasp = _densities(cfg, model, ds, gens, device, log, progress, interrupts)
+    else:
+        densities, grasp = ck["densities"], ck["grasp"]
     est, d_active = build_estimator(cfg, model, densities, distributed=dist_on)
     rc = _Run(cfg, semantic, device, ds, est, ckpt, log, progress, dist_on, steps_per_epoch,
-              steps_per_epoch * cfg["epochs"], est is not None and has_running_stats(model))
-    if ck is not None:
-        state = _restore(rc, ck, model, opt, sched, gens)
-        old_epochs = ck["config"]["epochs"]
-        if cfg["epochs"] > old_epochs and not dry:
-            _extend(rc, state, old_epochs, n_params, d_active)
-        left = rc.total_steps - (state.epoch * steps_per_epoch + state.step)
-        if left > 0 or dry:  # what is left of the run
-            _check_cost(log, cfg, model, ds, device, densities, steps=left, epochs=cfg["epochs"] - state.epoch,
-                        grasp=False, dist_on=dist_on)
-        if dry:
-            return {"dry_run": True, "interrupted": False}
-    else:
+              steps_per_epoch * cfg["epochs"], est is not None and has_running_stats(model), d_active, interrupts)
+    if ck is None:
         state = TrainState(model, opt, sched, gens, densities=densities, grasp=grasp)
         _write_run_files(rc, state, n_params, d_active)
-    if state.epoch == 0 and state.step == 0:
+        rc.ckpt.save(state, semantic)  # ZO-GraSP's result is never computed twice
         _log_start(rc, state, n_params, d_active)
-
-    summary = _summary(rc, state, _train(rc, state), n_params, d_active)
-    if dist_on:
-        import torch.distributed as tdist
-        summary["ranks"] = tdist.get_world_size()
-        if own_group:
-            tdist.destroy_process_group()
-    _report(rc, state, summary)
-    return summary
+        return rc, state, (n_params, d_active)
+    state = _restore(rc, ck, model, opt, sched, gens)
+    old_epochs = ck["config"]["epochs"]
+    if cfg["epochs"] > old_epochs and not dry:
+        _extend(rc, state, old_epochs, n_params, d_active)
+    left = rc.total_steps - (state.epoch * steps_per_epoch + state.step)
+    if left > 0 or dry:  # what is left of the run
+        _check_cost(log, cfg, model, ds, device, densities, steps=left, epochs=cfg["epochs"] - state.epoch,
+                    grasp=False, dist_on=dist_on)
+    return (None, None, None) if dry else (rc, state, (n_params, d_active))
 
 
 def plot(history: list, path: str, title: str = "") -> None:

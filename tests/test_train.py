@@ -187,7 +187,7 @@ def test_train_state_round_trips_through_the_checkpoint(tmp_path):
     state.ep["n"] = 16
     torch.save(state.to_checkpoint({"seed": 7}), tmp_path / "ck.pt")
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
-    assert set(ck) == {"format"} | set(train._CHECKPOINT_FIELDS) and train.checkpoint_problem(ck) is None
+    assert set(ck) == {"format", "partial"} | set(train._CHECKPOINT_FIELDS) and train.checkpoint_problem(ck) is None
     assert list(ck["state"]) == ["epoch", "step", "perm", "history", "best_acc", "best_epoch", "elapsed",
                                  "perturbations", "forwards", "ep"]
     back = train.TrainState.from_checkpoint(ck, *fresh(), device=torch.device("cpu"))

@@ -1,0 +1,257 @@
+"""Interruption without loss: Ctrl-C at random points of a run (ZO-GraSP, inside a step's chunks,
+evaluation, twice in a row) and ``--resume`` continue bit for bit; the engine's partial estimates
+continue bitwise; the progress facility's output on terminals, logs and ``--no-progress``."""
+import io
+import os
+import random
+import signal
+
+import pytest
+import torch
+
+from deepzero_kernels import CGE, train
+from deepzero_kernels.engine import PartialRun
+from deepzero_kernels.models import build_model
+from deepzero_kernels.progress import Progress
+
+TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,8,8", "--synthetic-size", "48,24",
+        "--model", "cnn", "--width", "4", "--depth", "2", "--batch-size", "16", "--grasp-q", "4",
+        "--no-progress", "--threads", "1", "--epochs", "2", "--mask-interval", "1"]
+CGE_RUN = TINY + ["--estimator", "cge", "--sparsity", "0.5", "--sparsity-method", "zo_grasp"]
+RGE_RUN = TINY + ["--estimator", "rge", "--q", "40", "--sparsity", "0.5", "--sparsity-method", "random"]
+
+
+class _Stop(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------- engine
+def _estimate_interrupted(cge, x, y, masks, stop_after):
+    """An estimate stopped by an exception after ``stop_after`` chunks, continued from its
+    checkpointed record."""
+    partial, seen = PartialRun(), [0]
+
+    def on_chunk(name, k):
+        seen[0] += 1
+        if seen[0] == stop_after:
+            raise _Stop
+    with pytest.raises(_Stop):
+        cge.estimate(x, y, masks, on_chunk=on_chunk, partial=partial)
+    saved = partial.state_dict()
+    assert 0 < PartialRun.from_state_dict(saved).perturbations < sum(int(m.sum()) for m in masks.values())
+    return cge.estimate(x, y, masks, partial=PartialRun.from_state_dict(saved))
+
+
+@pytest.mark.parametrize("strategy,backend", [("delta", "torch"), ("delta", "native"), ("functional", "torch")])
+def test_partial_estimate_continues_bitwise(strategy, backend):
+    from deepzero_kernels.ops import backends
+    if backend not in backends():
+        pytest.skip(f"backend {backend} not built")
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=10, width=4, depth=2).double()
+    x, y = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
+    g = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.6 for n, p in model.named_parameters()}
+    cge = CGE(model, backend=backend, strategy=strategy, memory_budget=1 << 18)
+    chunks = [0]
+    full = cge.estimate(x, y, masks, on_chunk=lambda n, k: chunks.__setitem__(0, chunks[0] + 1))
+    assert chunks[0] > 4
+    for stop_after in sorted(random.Random(2).sample(range(1, chunks[0]), 4)):
+        resumed = _estimate_interrupted(cge, x, y, masks, stop_after)
+        for n in full:
+            assert torch.equal(full[n], resumed[n]), (stop_after, n)
+
+
+def test_partial_estimate_refuses_another_batch_and_bad_records():
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=10, width=4, depth=2)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    cge, partial = CGE(model), PartialRun()
+
+    def stop(name, k):
+        raise _Stop
+    with pytest.raises(_Stop):
+        cge.estimate(x, y, on_chunk=stop, partial=partial)
+    with pytest.raises(ValueError, match="another batch or model"):
+        cge.estimate(x + 1, y, partial=PartialRun.from_state_dict(partial.state_dict()))
+    sd = partial.state_dict()
+    for bad in ({}, {**sd, "done": {"fc.weight": -1}}, {**sd, "rows": {"fc.weight": torch.zeros(3)}},
+                {**sd, "chunk": {"fc.weight": 0}}, "not a dict"):
+        with pytest.raises(ValueError, match="partial estimate"):
+            PartialRun.from_state_dict(bad)
+
+
+# ----------------------------------------------------------------------------- trainer
+def _augmenting(mp):
+    """Synthetic data with crop + flip augmentation, so each batch draws from a generator (the
+    state a mid-step checkpoint must take from before the batch)."""
+    load = train.D.load_dataset
+
+    def load_augmented(*args, **kwargs):
+        ds = load(*args, **kwargs)
+        ds.augment = True
+        return ds
+    mp.setattr(train.D, "load_dataset", load_augmented)
+
+
+@pytest.fixture(autouse=True)
+def augmented(monkeypatch):
+    _augmenting(monkeypatch)
+
+
+def _ctrl_c_at(monkeypatch, where, n, presses=1):
+    """Press Ctrl-C ``presses`` times at the n-th (1-based) tick of kind ``where``."""
+    seen = [0]
+
+    def tick(kind):
+        if kind == where:
+            seen[0] += 1
+            if seen[0] == n:
+                for _ in range(presses):
+                    signal.raise_signal(signal.SIGINT)
+    monkeypatch.setattr(train, "_on_tick", tick)
+    return seen
+
+
+def _count_ticks(monkeypatch, argv, out):
+    counts = {}
+    monkeypatch.setattr(train, "_on_tick", lambda kind: counts.__setitem__(kind, counts.get(kind, 0) + 1))
+    assert train.main(argv + ["--out", out]) == 0
+    monkeypatch.setattr(train, "_on_tick", lambda kind: None)
+    return counts
+
+
+def _same_run(a, b):
+    ka = torch.load(os.path.join(a, "checkpoint.pt"), weights_only=True)
+    kb = torch.load(os.path.join(b, "checkpoint.pt"), weights_only=True)
+    for k in ka["model"]:
+        assert torch.equal(ka["model"][k], kb["model"][k]), k  # BN running statistics included
+    strip = ("seconds", "perturbations_per_s")
+    ha = [{k: v for k, v in h.items() if k not in strip} for h in ka["state"]["history"]]
+    hb = [{k: v for k, v in h.items() if k not in strip} for h in kb["state"]["history"]]
+    assert ha == hb
+    assert ka["state"]["perturbations"] == kb["state"]["perturbations"]
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """The uninterrupted references, and how many ticks of each kind they pass."""
+    mp = pytest.MonkeyPatch()
+    _augmenting(mp)
+    try:
+        out = {}
+        for name, argv in (("cge", CGE_RUN), ("rge", RGE_RUN)):
+            d = str(tmp_path_factory.mktemp(name) / "full")
+            out[name] = (d, _count_ticks(mp, argv, d))
+        return out
+    finally:
+        mp.undo()
+
+
+@pytest.mark.parametrize("where,presses", [("chunk", 1), ("chunk", 2), ("eval", 1), ("eval", 2), ("step", 1)])
+@pytest.mark.parametrize("draw", [0, 1])
+def test_ctrl_c_anywhere_then_resume_is_bitwise(tmp_path, monkeypatch, capsys, full_runs, where, presses, draw):
+    full, counts = full_runs["cge"]
+    n = random.Random(f"{where}{presses}{draw}").randint(1, counts[where])
+    part = str(tmp_path / "part")
+    seen = _ctrl_c_at(monkeypatch, where, n, presses)
+    assert train.main(CGE_RUN + ["--out", part]) == 130
+    assert seen[0] == n  # stopped at (or, pressed twice, inside) the tick where Ctrl-C came
+    msg = capsys.readouterr().out
+    assert "checkpoint written, continue with --resume" in msg, msg
+    ck = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
+    if where == "chunk" and presses == 1:  # stopped inside a step with its finished chunks
+        assert ck["partial"] is not None and sum(ck["partial"]["done"].values()) > 0
+    monkeypatch.setattr(train, "_on_tick", lambda kind: None)
+    assert train.main(["--resume", part, "--no-progress"]) == 0
+    _same_run(full, part)
+
+
+def test_ctrl_c_during_zo_grasp_saves_nothing_and_says_so(tmp_path, monkeypatch, capsys, full_runs):
+    full, counts = full_runs["cge"]
+    part = str(tmp_path / "part")
+    _ctrl_c_at(monkeypatch, "grasp", counts["grasp"])
+    assert train.main(CGE_RUN + ["--out", part]) == 130
+    msg = capsys.readouterr().out
+    assert "interrupted before training started; no checkpoint was written" in msg, msg
+    assert not os.path.exists(os.path.join(part, "checkpoint.pt"))
+    monkeypatch.setattr(train, "_on_tick", lambda kind: None)
+    assert train.main(CGE_RUN + ["--out", part]) == 0  # the same command starts it again
+    _same_run(full, part)
+
+
+def test_zo_grasp_result_is_checkpointed_before_the_first_step(tmp_path, monkeypatch):
+    part = str(tmp_path / "part")
+    _ctrl_c_at(monkeypatch, "chunk", 1, presses=2)
+    assert train.main(CGE_RUN + ["--out", part]) == 130
+    ck = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
+    assert ck["grasp"]["queries"] == 10 and ck["densities"] and ck["state"]["step"] == 0
+
+
+def test_rge_ctrl_c_mid_step_restarts_the_step_bitwise(tmp_path, monkeypatch, capsys, full_runs):
+    full, counts = full_runs["rge"]
+    part = str(tmp_path / "part")
+    _ctrl_c_at(monkeypatch, "chunk", counts["chunk"] // 2 + 1)
+    assert train.main(RGE_RUN + ["--out", part]) == 130
+    assert "started again on resume" in capsys.readouterr().out
+    monkeypatch.setattr(train, "_on_tick", lambda kind: None)
+    assert train.main(["--resume", part, "--no-progress"]) == 0
+    _same_run(full, part)
+
+
+def test_ctrl_c_while_the_step_is_applied_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C after the estimate (the optimizer step) must not save a half-updated state."""
+    part = str(tmp_path / "part")
+    real = train._check_finite
+
+    def press_during_update(rc, state, tensors, what):
+        if what.startswith("after the update") and state.epoch == 1 and state.step == 1:
+            raise KeyboardInterrupt
+        return real(rc, state, tensors, what)
+    monkeypatch.setattr(train, "_check_finite", press_during_update)
+    assert train.main(CGE_RUN + ["--out", part]) == 130
+    msg = capsys.readouterr().out
+    assert "while the step was applied; the last good checkpoint" in msg, msg
+    ck = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=True)
+    assert (ck["state"]["epoch"], ck["state"]["step"]) == (1, 0)  # the end of epoch 1
+
+
+# ----------------------------------------------------------------------------- progress
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_lines_on_a_log_and_nothing_when_disabled():
+    log = io.StringIO()
+    with Progress(10, "work", unit="items", interval=0, stream=log) as p:
+        p.update(4)
+        p.note("half way")
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("work: 4/10 items (40%)") and "ETA" in lines[0]
+    assert lines[-1].endswith("; half way") and "\r" not in log.getvalue()
+    quiet = io.StringIO()
+    with Progress(10, "work", interval=3600, stream=quiet) as p:  # before its interval: no line
+        p.update(10)
+    off = io.StringIO()
+    with Progress(10, "work", enabled=False, interval=0, stream=off) as p:
+        p.update(3)
+        assert not p.due()
+    assert quiet.getvalue() == "" and off.getvalue() == ""
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    tty = _Tty()
+    with Progress(5, "work", stream=tty) as p:
+        assert p.bar is not None
+        p.update(5)
+    assert "work" in tty.getvalue()
+
+
+def test_trainer_progress_in_a_log_file(tmp_path, capfd):
+    argv = [a for a in CGE_RUN if a != "--no-progress"] + ["--progress-interval", "0", "--epochs", "1"]
+    assert train.main(argv) == 0
+    err = capfd.readouterr().err
+    for what in ("ZO-GraSP: ", "epoch 1/1: ", "perturbations, ", "evaluation 1: ", "run ETA"):
+        assert what in err, what
+    assert "\r" not in err
