@@ -155,7 +155,8 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=d(0), help="torch CPU threads (0 = torch's default)")
     g.add_argument("--out", default=d(None), metavar="DIR",
                    help="write config.json, densities.json, metrics.jsonl, metrics.csv, checkpoint.pt, best.pt, "
-                        "summary.json, metrics.png "
+                        "summary.json, metrics.png, and TensorBoard scalars in DIR/tensorboard when tensorboard is "
+                        "installed "
                         "(default: write nothing)")
     g.add_argument("--resume", default=d(None), metavar="DIR",
                    help="continue the run saved in DIR exactly (its config is reused; default: start a new run)")
@@ -821,6 +822,36 @@ class Checkpointer:
         return "no checkpoint was written"
 
 
+class Scalars:
+    """TensorBoard scalars in ``out_dir/tensorboard`` when the ``tensorboard`` package is installed
+    (``torch.utils.tensorboard``); otherwise, or without ``--out``, nothing. Steps are counted over
+    the whole run, so a resumed run continues the curves."""
+
+    def __init__(self, out_dir: Optional[str], enabled: bool, log):
+        self.writer = None
+        if out_dir is None or not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log("TensorBoard logs: off (pip install tensorboard to get them)")
+            return
+        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        log(f"TensorBoard logs: tensorboard --logdir {os.path.join(out_dir, 'tensorboard')}")
+
+    def add(self, prefix: str, values: dict, step: int) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 @dataclass
 class _Run:
     """What the parts of a run share (wired by :func:`run`)."""
@@ -838,6 +869,7 @@ class _Run:
     bn_forward: bool  # estimation leaves BN running stats alone: one plain forward updates them
     d_active: Optional[int] = None  # coordinates CGE estimates per step
     interrupts: object = None  # _Interrupts: Ctrl-C handling
+    scalars: Optional[Scalars] = None  # TensorBoard
     t_start: float = 0.0
     elapsed_at_start: float = 0.0  # the run's time before this process (resumed runs)
     steps_at_start: int = 0  # steps done before this process
@@ -1252,8 +1284,13 @@ def _run_epoch(rc: _Run, state: TrainState, bar: Progress) -> None:
             on_chunk = _StepProgress(rc, state, bar, total, state.partial.perturbations if state.partial else 0)
         st = train_step(rc, state, x, y, on_chunk=on_chunk)
         state.partial = None
-        _record_step(state, st, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        _record_step(state, st, seconds)
         rc.consistent = True
+        rc.scalars.add("step", {"train_loss": st.loss, "train_acc": st.correct / st.n,
+                                "lr": state.opt.param_groups[0]["lr"],
+                                "perturbations_per_s": st.perturbations / max(seconds, 1e-9)},
+                       state.epoch * rc.steps_per_epoch + state.step)
         bar.update(1)
         bar.note(f"loss {ep['loss'] / ep['n']:.3f}, acc {100 * ep['correct'] / ep['n']:.1f}%, "
                  f"lr {state.opt.param_groups[0]['lr']:.4f}, "
@@ -1300,6 +1337,7 @@ def end_epoch(rc: _Run, state: TrainState) -> dict:
     rc.ckpt.write_text("metrics.jsonl", "".join(json.dumps(h) + "\n" for h in state.history))
     rc.ckpt.write_text("metrics.csv", metrics_csv(state.history))
     rc.consistent = True
+    rc.scalars.add("epoch", rec, rec["epoch"])
     rc.log(f"epoch {rec['epoch']:3d}/{rc.cfg['epochs']}  train loss {rec['train_loss']:.4f} acc "
            f"{100 * rec['train_acc']:5.1f}%  test loss {test_loss:.4f} acc {100 * test_acc:5.1f}%  "
            f"lr {rec['lr']:.4f}  {rec['perturbations_per_s']:.0f} pert/s  {rec['seconds']:.1f}s"
@@ -1416,7 +1454,11 @@ def run(cfg: dict, log=None) -> dict:
             return {"interrupted": True, "dry_run": dry}
         if rc is None:
             return {"interrupted": False, "dry_run": True}
-        interrupted = _train(rc, state)
+        rc.scalars = Scalars(cfg.get("out"), ckpt.enabled, log)
+        try:
+            interrupted = _train(rc, state)
+        finally:
+            rc.scalars.close()
     summary = _summary(rc, state, interrupted, *sizes)
     if dist_on:
         import torch.distributed as tdist

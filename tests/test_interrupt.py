@@ -255,3 +255,44 @@ def test_trainer_progress_in_a_log_file(tmp_path, capfd):
     for what in ("ZO-GraSP: ", "epoch 1/1: ", "perturbations, ", "evaluation 1: ", "run ETA"):
         assert what in err, what
     assert "\r" not in err
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def test_tensorboard_scalars_when_installed(tmp_path, monkeypatch, capsys):
+    """With a stand-in SummaryWriter (tensorboard need not be installed): every step's and every
+    epoch's numbers, steps counted over the run; without the package a log line says how to get them."""
+    import sys
+    import types
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            written.append(("dir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append(("closed",))
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    out = tmp_path / "run"
+    assert train.main(CGE_RUN + ["--out", str(out)]) == 0
+    assert written[0] == ("dir", str(out / "tensorboard")) and written[-1] == ("closed",)
+    steps = [s for t, *rest in written[1:-1] if t == "step/train_loss" for _, s in [rest]]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 3 steps per epoch, 2 epochs
+    epochs = {(t, s) for t, *rest in written[1:-1] if t.startswith("epoch/") for _, s in [rest]}
+    assert ("epoch/test_acc", 1) in epochs and ("epoch/test_acc", 2) in epochs
+    assert "tensorboard --logdir" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # not installed
+    assert train.main(CGE_RUN + ["--out", str(tmp_path / "run2")]) == 0
+    assert "TensorBoard logs: off (pip install tensorboard" in capsys.readouterr().out
+
+
+def test_tensorboard_real_event_files(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    assert train.main(CGE_RUN + ["--out", str(out)]) == 0
+    files = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert files and files[0].stat().st_size > 0
