@@ -16,13 +16,31 @@ or write the data once and train on the file::
 ``make_model`` receives those of ``num_classes``, ``in_channels`` and ``image_size`` its signature
 names (from the data); ``make_data`` returns the four tensors (a dict, a tuple, or a
 ``deepzero_kernels.data.Dataset``). Labels are integer classes; inputs float ``(N, C, H, W)``.
+
+Run as a script, this file only writes the data file (a few seconds), so it has no ``--quick``:
+the training is the trainer's command above (``--epochs 1`` for a short run).
 """
 import argparse
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+def build_parser():
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="As a script this file only writes make_data() to an .npz file (a few seconds), so it "
+               "has no --quick. Train with: cd python/examples && python -m deepzero_kernels.train "
+               "--model own_model_and_data:make_model --dataset own_model_and_data:make_data "
+               "(see the module docstring).")
+    ap.add_argument("--write-npz", metavar="FILE", required=True, help="write make_data() to FILE (.npz)")
+    return ap
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the slow torch import
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 
 class TinyNet(nn.Module):
@@ -71,8 +89,6 @@ def make_data(n_train: int = 384, n_test: int = 128, classes: int = 4, seed: int
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write-npz", metavar="FILE", required=True, help="write make_data() to FILE (.npz)")
-    args = ap.parse_args()
+    args = build_parser().parse_args()
     np.savez(args.write_npz, **make_data())
     print(f"wrote {args.write_npz}")

@@ -18,7 +18,7 @@ denoised smoothing with a DnCNN-style denoiser in front of a classifier that is 
 
 Pixels are scaled to [0, 1]; sigma is relative to that range.
 
-    python python/experiments/blackbox_defense.py --quick --out results/blackbox   # < 2 min
+    python python/experiments/blackbox_defense.py --quick --out results/blackbox   # about a minute here
     python python/experiments/blackbox_defense.py --out results/blackbox           # < 15 min
 
 Writes ``certified.csv``, ``certified.md``, ``results.json`` and ``certified.png`` to ``--out``.
@@ -33,10 +33,35 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--sigmas", default="0.25,0.5", help="noise levels (pixels in [0, 1])")
+    ap.add_argument("--radii", default="0,0.25,0.5,0.75,1.0", help="l2 radii of the certified-accuracy table")
+    ap.add_argument("--zo-steps", type=int, default=150, help="fine-tuning steps (ZO and FO), batch 32")
+    ap.add_argument("--pre-epochs", type=int, default=30, help="denoiser MSE pre-training epochs")
+    ap.add_argument("--n0", type=int, default=100, help="Monte-Carlo samples that select the class to certify")
+    ap.add_argument("--n", type=int, default=500, help="Monte-Carlo samples for certification")
+    ap.add_argument("--alpha", type=float, default=0.001,
+                    help="failure probability of the one-sided Clopper-Pearson bound")
+    ap.add_argument("--n-test", type=int, default=None, help="certify the first N test images (None: all 360)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of training, noise and masks")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: half the cores, at most 4)")
+    ap.add_argument("--quick", action="store_true",
+                    help="first sigma only, 60 steps, n0 = 20, n = 200, 180 test images, fewer epochs "
+                         "(about a minute here)")
+    ap.add_argument("--out", default="results/blackbox", help="folder for certified.{csv,md,png} and results.json")
+    return ap
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the slow torch import
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from deepzero_kernels import CGE, layer_densities, prune_masks, zo_grasp_scores  # noqa: E402
@@ -415,21 +440,7 @@ def write_outputs(results, out):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--sigmas", default="0.25,0.5", help="noise levels (pixels in [0, 1])")
-    ap.add_argument("--radii", default="0,0.25,0.5,0.75,1.0")
-    ap.add_argument("--zo-steps", type=int, default=150, help="fine-tuning steps (ZO and FO), batch 32")
-    ap.add_argument("--pre-epochs", type=int, default=30, help="denoiser MSE pre-training epochs")
-    ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--n", type=int, default=500, help="Monte-Carlo samples for certification")
-    ap.add_argument("--alpha", type=float, default=0.001)
-    ap.add_argument("--n-test", type=int, default=None, help="certify the first N test images (default all 360)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: half the cores, at most 4)")
-    ap.add_argument("--quick", action="store_true", help="sigma 0.25, fewer steps and samples")
-    ap.add_argument("--out", default="results/blackbox")
-    a = ap.parse_args(argv)
+    a = build_parser().parse_args(argv)
     # 8x8 images make small convolutions: more threads mostly add barrier stalls, and a shared
     # machine's other half stays free.
     torch.set_num_threads(a.threads or max(1, min(4, (os.cpu_count() or 1) // 2)))

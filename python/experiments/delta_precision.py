@@ -7,7 +7,7 @@ layer and from every layer; the reference is the float64 naive loop (perturb, fu
 restore) on the float64 copy of the same parameters. Errors are relative norms over the drawn
 coordinates.
 
-    python python/experiments/delta_precision.py --quick          # ResNet-20 only, ~1 min
+    python python/experiments/delta_precision.py --quick          # ResNet-20 only, 10 s to 1.5 min here
     python python/experiments/delta_precision.py --out results/precision
 
 Writes ``precision.json`` to ``--out`` and prints a table.
@@ -17,13 +17,33 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--models", default="resnet20,resnet18,mobilenet_v2",
+                    help="comma-separated model factories of deepzero_kernels.models (standard sizes)")
+    ap.add_argument("--batch-size", type=int, default=16, help="size of the random 32x32 batch")
+    ap.add_argument("--middle", type=int, default=16, help="coordinates drawn from the middle conv layer")
+    ap.add_argument("--spread", type=int, default=16, help="coordinates drawn over all layers")
+    ap.add_argument("--mu", type=float, default=5e-3, help="finite-difference step")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, the batch and the drawn coordinates")
+    ap.add_argument("--backend", default="torch", help="CGE backend of the engine rows: auto, torch, triton, native")
+    ap.add_argument("--quick", action="store_true",
+                    help="ResNet-20 only, batch 8, 8+8 coordinates (10 s to 1.5 min here, depending on other load)")
+    ap.add_argument("--out", default=None, help="folder for precision.json (None: print the table only)")
+    return ap
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the slow torch import
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from deepzero_kernels import CGE, models  # noqa: E402
@@ -103,17 +123,7 @@ def measure(name, batch, n_middle, n_all, mu, seed, backend):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--models", default="resnet20,resnet18,mobilenet_v2")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--middle", type=int, default=16, help="coordinates drawn from the middle conv layer")
-    ap.add_argument("--spread", type=int, default=16, help="coordinates drawn over all layers")
-    ap.add_argument("--mu", type=float, default=5e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backend", default="torch")
-    ap.add_argument("--quick", action="store_true", help="ResNet-20 only, batch 8, 8+8 coordinates")
-    ap.add_argument("--out", default=None, help="folder for precision.json")
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.quick:
         a.models, a.batch_size, a.middle, a.spread = "resnet20", 8, 8, 8

@@ -1,7 +1,11 @@
 """Throughput of forward-parallel CGE (eq. (5)) with 1 vs N ranks on this machine.
 
+    python python/experiments/distributed_throughput.py --quick    # about 40 s here
     python python/experiments/distributed_throughput.py            # launches 1 and 2 ranks
-    torchrun --nproc_per_node=2 python/experiments/distributed_throughput.py --worker
+    torchrun --nproc_per_node=2 python/experiments/distributed_throughput.py --worker [--cost C]
+
+The launcher runs one process per measurement, each spawning its ranks on gloo (localhost);
+``--worker`` and ``--cost`` are what it passes to each rank (not listed by ``--help``).
 
 Every rank uses 1 thread (2 ranks on 2 cores). Reports perturbations/s (whole group), each
 rank's estimation seconds per step and the imbalance max/mean over the measured steps. With N > 1
@@ -17,10 +21,9 @@ import subprocess
 import sys
 import time
 
-import torch
-
 
 def worker(a):
+    import torch  # here, not at the top: the launcher and --help need no torch
     torch.set_num_threads(1)
     from deepzero_kernels import CGE
     from deepzero_kernels.models import build_model
@@ -62,21 +65,32 @@ def worker(a):
         print("RESULT " + json.dumps(res), flush=True)
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--worker", action="store_true")
-    p.add_argument("--model", default="resnet20")
-    p.add_argument("--size", type=int, default=16)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--density", type=float, default=0.05)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--ranks", default="1,2")
-    p.add_argument("--cost", default="measured", choices=("measured", "flops", "params"))
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one rank (the launcher's)
+    p.add_argument("--cost", default="measured", choices=("measured", "flops", "params"),
+                   help=argparse.SUPPRESS)  # the cost model of a --worker rank
+    p.add_argument("--model", default="resnet20", help="deepzero_kernels.models.build_model name")
+    p.add_argument("--size", type=int, default=16, help="side of the random square 3-channel inputs")
+    p.add_argument("--batch", type=int, default=16, help="batch size")
+    p.add_argument("--density", type=float, default=0.05,
+                   help="fraction of every parameter's coordinates estimated (random masks)")
+    p.add_argument("--steps", type=int, default=4, help="measured CGE estimates per run")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured estimates before them")
+    p.add_argument("--ranks", default="1,2", help="comma-separated process counts, one run each")
     p.add_argument("--costs", default="params,flops,measured", help="cost models tried with N > 1 ranks")
-    a = p.parse_args()
+    p.add_argument("--quick", action="store_true",
+                   help="inputs 8x8, batch 8, density 0.01, 1 warm-up + 2 steps (about 40 s here)")
+    return p
+
+
+def main():
+    a = build_parser().parse_args()
     if a.worker:
         return worker(a)
+    if a.quick:
+        a.size, a.batch, a.density, a.steps, a.warmup = 8, 8, 0.01, 2, 1
     rest = [f"--model={a.model}", f"--size={a.size}", f"--batch={a.batch}", f"--density={a.density}",
             f"--steps={a.steps}", f"--warmup={a.warmup}", "--worker"]
     runs = [(n, c) for n in map(int, a.ranks.split(",")) for c in (a.costs.split(",") if n > 1 else ["-"])]

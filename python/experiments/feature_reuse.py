@@ -16,7 +16,7 @@ Four ways to compute the same (sparse) CGE gradient, each used for a few SGD ste
 First-order backprop of the same model is timed as the reference. All CGE variants start from
 the same weights and masks, and the script checks that their gradients agree.
 
-    python python/experiments/feature_reuse.py --quick --out results/feature_reuse
+    python python/experiments/feature_reuse.py --quick --out results/feature_reuse   # about 15 s here
     python python/experiments/feature_reuse.py --model resnet20 --dataset synthetic --sparsity 0.999
 """
 from __future__ import annotations
@@ -29,9 +29,37 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--dataset", choices=("digits", "synthetic"), default="digits",
+                    help="digits: embedded 8x8 digits; synthetic: 3x32x32 Gaussian class clusters")
+    ap.add_argument("--model", choices=("cnn", "resnet20"), default="cnn",
+                    help="cnn: App. B CNN (--depth, --width); resnet20: standard size")
+    ap.add_argument("--depth", type=int, default=2, help="conv blocks of the cnn")
+    ap.add_argument("--width", type=int, default=16, help="channels of the cnn")
+    ap.add_argument("--sparsity", type=float, default=0.5,
+                    help="fraction of conv/linear weights not estimated (uniform random masks)")
+    ap.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    ap.add_argument("--steps", type=int, default=4, help="SGD steps timed per method")
+    ap.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9, weight decay 5e-4)")
+    ap.add_argument("--mu", type=float, default=5e-3, help="finite-difference step")
+    ap.add_argument("--methods", default="loop,loop+reuse,batched,delta-engine,fo",
+                    help="comma-separated, from: loop, loop+reuse, batched, delta-engine, fo (backprop)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--quick", action="store_true",
+                    help="3 steps of a width-8 CNN (about 15 s here, longer on busy cores)")
+    ap.add_argument("--out", default="results/feature_reuse", help="folder for feature_reuse.csv, .json and .png")
+    return ap
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the slow torch import
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from deepzero_kernels import data as D  # noqa: E402
@@ -141,23 +169,7 @@ def train_steps(method, model, ds, masks, args, gen_seed):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--dataset", choices=("digits", "synthetic"), default="digits")
-    ap.add_argument("--model", choices=("cnn", "resnet20"), default="cnn")
-    ap.add_argument("--depth", type=int, default=2)
-    ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--sparsity", type=float, default=0.5,
-                    help="fraction of conv/linear weights not estimated (uniform random masks)")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=4, help="SGD steps timed per method")
-    ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--mu", type=float, default=5e-3)
-    ap.add_argument("--methods", default="loop,loop+reuse,batched,delta-engine,fo")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--quick", action="store_true",
-                    help="3 steps of a width-8 CNN (seconds idle, about a minute on busy cores)")
-    ap.add_argument("--out", default="results/feature_reuse")
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not 0 <= args.sparsity < 1:
         ap.error(f"--sparsity must be in [0, 1), got {args.sparsity}")

@@ -6,7 +6,7 @@ Every run goes through the trainer (``deepzero_kernels.train.run``), so it is ex
 ``python -m deepzero_kernels.train --estimator {fo,cge,rge} --sparsity 0 ...`` does. RGE uses
 unit-norm Gaussian directions rescaled by d (an unbiased estimate), q = d directions per step.
 
-    python python/experiments/fig2_fo_cge_rge.py --quick --out results/fig2      # ~1-2 min
+    python python/experiments/fig2_fo_cge_rge.py --quick --out results/fig2      # 1.5-2.5 min here
     python python/experiments/fig2_fo_cge_rge.py --out results/fig2              # full sweep
 
 Writes ``fig2.csv`` (one row per model size and method) and ``fig2.png`` to ``--out``.
@@ -17,6 +17,30 @@ import argparse
 import csv
 import os
 import sys
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--sizes", default="2x4,2x8,2x16,3x16",
+                    help="comma-separated DEPTHxWIDTH App. B CNNs")
+    ap.add_argument("--methods", default="fo,cge,rge",
+                    help="comma-separated: fo (backprop), cge, rge (q = d directions)")
+    ap.add_argument("--epochs", type=int, default=10, help="training epochs of every run")
+    ap.add_argument("--batch-size", type=int, default=128, help="SGD batch size")
+    ap.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (cosine schedule)")
+    ap.add_argument("--rge-lr", type=float, default=None,
+                    help="learning rate for RGE; None: --lr (RGE's variance may need a smaller one)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every random generator of each run")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--quick", action="store_true",
+                    help="sizes 2x4,2x8 and 3 epochs (1.5-2.5 min here, most of it RGE)")
+    ap.add_argument("--out", default="results/fig2", help="folder for fig2.csv and fig2.png")
+    return ap
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the slow torch import
+    build_parser().parse_args()
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from deepzero_kernels import train  # noqa: E402
@@ -31,20 +55,7 @@ def parse_sizes(s):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--sizes", default="2x4,2x8,2x16,3x16",
-                    help="comma-separated DEPTHxWIDTH App. B CNNs")
-    ap.add_argument("--methods", default="fo,cge,rge")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--rge-lr", type=float, default=None,
-                    help="learning rate for RGE (default: --lr); RGE's variance may need a smaller one")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="sizes 2x4,2x8 and 3 epochs (about a minute)")
-    ap.add_argument("--out", default="results/fig2")
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.epochs = "2x4,2x8", 3

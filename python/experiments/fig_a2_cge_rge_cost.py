@@ -18,7 +18,7 @@ Methods, all on the same model, batch and mu, in the same run:
 The paper's Fig. A2 plots 50 epochs of CIFAR-10 training; one estimate per size is what that
 curve is made of (time per epoch = steps x time per estimate), so this measures the estimate.
 
-    python python/experiments/fig_a2_cge_rge_cost.py --quick     # about 30 s here
+    python python/experiments/fig_a2_cge_rge_cost.py --quick     # about a minute here
     python python/experiments/fig_a2_cge_rge_cost.py             # depths 1-6, about 5 min here
 
 Writes ``fig_a2.csv`` (one row per size and method), ``fig_a2.json``, ``fig_a2.md`` (Tab. A1's
@@ -48,7 +48,7 @@ def build_parser():
     ap.add_argument("--repeats", type=int, default=1, help="estimates timed per size and method (the median is kept)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, batch and directions")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    ap.add_argument("--quick", action="store_true", help="depths 1-3, batch 32")
+    ap.add_argument("--quick", action="store_true", help="depths 1-3, batch 32 (about a minute here)")
     ap.add_argument("--out", default="results/fig_a2", help="folder for the outputs")
     return ap
 

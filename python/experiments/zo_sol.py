@@ -16,7 +16,7 @@ projection (both by FFT). Reynolds numbers Re = U L / nu (U = 1 rms, L = 2pi) ar
 train {97.7, ..., 3125}, test {146.5, ..., 2343.8}, each simulation with its own random initial
 vortices, so train and test are disjoint in Re and initial condition.
 
-    python python/experiments/zo_sol.py --quick --out results/zo_sol_quick   # <= 2 min
+    python python/experiments/zo_sol.py --quick --out results/zo_sol_quick   # 25 s to 2 min here
     python python/experiments/zo_sol.py --out results/zo_sol                 # full run
 
 Writes ``zo_sol.md``, ``zo_sol.csv``, ``zo_sol.json`` and ``zo_sol.png`` (error vs time step) to ``--out``.
@@ -32,10 +32,52 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+def build_parser():
+    """The flags; the defaults are the full run (``parse_args`` applies ``--quick``)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--grid", type=int, default=16, help="coarse grid cells per side")
+    ap.add_argument("--factor", type=int, default=4, help="high-res grid = factor x coarse")
+    ap.add_argument("--dt", type=float, default=0.1,
+                    help="time step of the coarse solver (the high-res one takes 4 substeps per dt)")
+    ap.add_argument("--steps", type=int, default=100, help="time steps T of every simulation")
+    ap.add_argument("--sims-per-re", type=int, default=3, help="initial conditions per Reynolds number")
+    ap.add_argument("--k0", type=float, default=3.0, help="peak wavenumber of the initial vortices")
+    ap.add_argument("--width", type=int, default=8, help="hidden channels of the corrector")
+    ap.add_argument("--unroll", type=int, default=16, help="n in (A3)")
+    ap.add_argument("--windows", type=int, default=4, help="unroll windows per SOL step")
+    ap.add_argument("--non-epochs", type=int, default=50, help="NON training epochs (one-step pairs, backprop)")
+    ap.add_argument("--non-lr", type=float, default=1e-3, help="NON Adam lr (cosine decay)")
+    ap.add_argument("--zo-steps", type=int, default=800, help="ZO-SOL training steps")
+    ap.add_argument("--fo-steps", type=int, default=800, help="FO-SOL training steps")
+    ap.add_argument("--lr", type=float, default=1e-4, help="Adam lr of ZO-SOL and FO-SOL (cosine decay)")
+    ap.add_argument("--zo-lr", type=float, default=None, help="ZO-SOL's lr (None: --lr)")
+    ap.add_argument("--init", choices=("non", "scratch"), default="non",
+                    help="ZO-SOL and FO-SOL start from the NON corrector or from scratch")
+    ap.add_argument("--sparsity", type=float, default=0.95,
+                    help="fraction of the corrector's conv weights ZO-SOL leaves out each step")
+    ap.add_argument("--sparsity-method", choices=("uniform", "zo_grasp"), default="uniform",
+                    help="layer densities: the same for both convs, or from ZO-GraSP scores")
+    ap.add_argument("--mu", type=float, default=1e-3, help="finite-difference step of ZO-SOL (and ZO-GraSP)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the correctors' training (weights, batches, windows, masks); "
+                         "the simulations are fixed")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids stalls on a shared CPU)")
+    ap.add_argument("--quick", action="store_true",
+                    help="60-step simulations, n = 8, 20 NON epochs, 150 ZO/FO steps "
+                         "(25 s to 2 min here, depending on load)")
+    ap.add_argument("--out", default="results/zo_sol", help="folder for zo_sol.{md,csv,json,png}")
+    return ap
+
+
+if __name__ == "__main__":  # --help and flag errors answer before the slow torch import
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import deepzero_kernels as dz  # noqa: E402
@@ -438,32 +480,7 @@ def a3_loss(solver, model, y, nu, feat, n_unroll, stride=12):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--grid", type=int, default=16, help="coarse grid cells per side")
-    ap.add_argument("--factor", type=int, default=4, help="high-res grid = factor x coarse")
-    ap.add_argument("--dt", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=100, help="time steps T of every simulation")
-    ap.add_argument("--sims-per-re", type=int, default=3, help="initial conditions per Reynolds number")
-    ap.add_argument("--k0", type=float, default=3.0, help="peak wavenumber of the initial vortices")
-    ap.add_argument("--width", type=int, default=8, help="hidden channels of the corrector")
-    ap.add_argument("--unroll", type=int, default=16, help="n in (A3)")
-    ap.add_argument("--windows", type=int, default=4, help="unroll windows per SOL step")
-    ap.add_argument("--non-epochs", type=int, default=50)
-    ap.add_argument("--non-lr", type=float, default=1e-3)
-    ap.add_argument("--zo-steps", type=int, default=800)
-    ap.add_argument("--fo-steps", type=int, default=800)
-    ap.add_argument("--lr", type=float, default=1e-4, help="Adam lr of ZO-SOL and FO-SOL (cosine decay)")
-    ap.add_argument("--zo-lr", type=float, default=None, help="ZO-SOL's lr if not --lr")
-    ap.add_argument("--init", choices=("non", "scratch"), default="non",
-                    help="ZO-SOL and FO-SOL start from the NON corrector or from scratch")
-    ap.add_argument("--sparsity", type=float, default=0.95)
-    ap.add_argument("--sparsity-method", choices=("uniform", "zo_grasp"), default="uniform")
-    ap.add_argument("--mu", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids stalls on a shared CPU)")
-    ap.add_argument("--quick", action="store_true", help="reduced run, <= 2 minutes")
-    ap.add_argument("--out", default="results/zo_sol")
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.unroll, args.non_epochs, args.zo_steps, args.fo_steps = 60, 8, 20, 150, 150
