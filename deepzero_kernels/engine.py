@@ -35,6 +35,7 @@ __all__ = ["DeltaEngine", "EngineReport", "PartialRun", "per_sample_cross_entrop
 
 _GiB = 1 << 30
 _CPU_CACHE_TARGET = 8 << 20  # bytes of one delta tensor that keep a chunk in a CPU's caches
+_K_ROUND = 32  # GPU chunk lengths are rounded down to a multiple of this
 
 
 def per_sample_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -81,10 +82,12 @@ def query_loss(loss_fn, outputs: torch.Tensor, targets) -> torch.Tensor:
 
 def default_memory_budget(device: torch.device) -> int:
     """Bytes the engine may spend on one chunk of perturbations: 1 GiB on CPU (ResNet-20 at batch
-    256 stays far from a 24 GiB machine's limit), a quarter of the free memory on a GPU."""
+    256 stays far from a 24 GiB machine's limit), an eighth of the device's total memory on a GPU.
+    Never from the free memory: that depends on the caching allocator's history, and chunk sizes
+    (hence float rounding) must not differ between a fresh and a resumed run."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return max(free // 4, 64 << 20)
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(total // 8, 64 << 20)
     return _GiB
 
 
@@ -543,6 +546,8 @@ class DeltaEngine:
         k = budget // (6 * live)
         if device.type == "cpu":
             k = min(k, _CPU_CACHE_TARGET // ws)
+        elif k > _K_ROUND:  # whole warps of perturbations; sizes that repeat across runs
+            k -= k % _K_ROUND
         return int(max(1, min(n, k)))
 
     # ------------------------------------------------------------------ loss changes

@@ -193,8 +193,8 @@ class CGE(_Estimator):
             and once per chunk. Default: per-sample cross-entropy, in closed form at the logits.
         mu: finite-difference step, > 0.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` for the fused ops.
-        memory_budget: bytes one chunk of perturbations may use (default: 1 GiB on CPU, a quarter
-            of free memory on a GPU). ``chunk_size`` fixes the chunk length instead.
+        memory_budget: bytes one chunk of perturbations may use (default: 1 GiB on CPU, an eighth
+            of the GPU's total memory). ``chunk_size`` fixes the chunk length instead.
         output_fn, strategy: see :class:`~deepzero_kernels.engine.DeltaEngine`.
         delta_precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``: precision of the conv and
             linear maps applied to the perturbations' deltas of a float32 model; the values (base

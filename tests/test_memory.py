@@ -111,3 +111,24 @@ print((max(seen[len(seen) // 4:]) - seen[len(seen) // 4]) >> 20)
     assert out.returncode == 0, out.stderr
     growth_mib = int(out.stdout.split()[-1])
     assert growth_mib < 200, f"resident memory grew by {growth_mib} MiB over 450 perturbations"
+
+
+def test_gpu_budget_and_chunks_do_not_depend_on_free_memory(monkeypatch):
+    """Issue 16 item 9: the default GPU budget comes from the total memory (not mem_get_info, which
+    depends on the allocator's history) and GPU chunk lengths are multiples of 32."""
+    import types
+    from deepzero_kernels import engine as E
+
+    def no_free_memory(*a, **k):
+        raise AssertionError("mem_get_info must not decide chunk sizes")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_free_memory)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=8 << 30))
+    cuda = torch.device("cuda")
+    assert E.default_memory_budget(cuda) == 1 << 30
+    eng = E.DeltaEngine.__new__(E.DeltaEngine)
+    eng.chunk_size, eng.memory_budget = None, None
+    for ws in (1000, 12345, 999_999):
+        k = eng.chunk_size_for(ws, 10 ** 9, cuda)
+        assert k % 32 == 0 and k <= (1 << 30) // (6 * ws), (ws, k)
+    assert eng.chunk_size_for(100 << 20, 10 ** 9, cuda) == 1  # under 32: as sized
+    assert eng.chunk_size_for(1000, 40, cuda) == 40  # fewer coordinates than a chunk
