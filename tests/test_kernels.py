@@ -834,3 +834,27 @@ def test_kernels_package_is_a_leaf():
             elif isinstance(node, ast.Import):
                 outside |= {a.name for a in node.names if a.name.startswith("deepzero_kernels")}
     assert outside <= {"formulas"}, outside
+
+
+def test_triton_max_pool_propagates_nan_like_torch():
+    """Issue 16 item 10: tl.maximum drops NaN by default; torch's max-pool keeps it."""
+    if "triton" not in ops.backends():
+        pytest.skip("triton backend not available")
+    kern = kernels.get("triton")
+    v = torch.randn(2, 1, 3, 4, 4, dtype=torch.float64)
+    v[1, 0, 2, 1, 3] = float("nan")
+    got = kern.bn_act_dense(v, pool=PoolArgs(2, 2))
+    want = kernels.get("reference").bn_act_dense(v, pool=PoolArgs(2, 2))
+    assert torch.isnan(got[1, 0, 2, 0, 1]) and torch.isnan(want[1, 0, 2, 0, 1])
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_triton_autotune_key_buckets_k():
+    """Issue 16 item 6: configs are keyed on K's power of two, not K itself and not without K."""
+    if "triton" not in ops.backends():
+        pytest.skip("triton backend not available")
+    from deepzero_kernels.kernels import triton_backend as T
+    assert [T._k_bucket(k) for k in (0, 1, 2, 3, 64, 65, 1400, 10 ** 6)] == [1, 1, 2, 4, 64, 128, 2048, 4096]
+    for kernel in (T._chain_kernel, T._dense_kernel, T._weight_ce_kernel, T._rank1_ce_kernel, T._dense_ce_kernel):
+        assert "KB" in kernel.keys and "K" not in kernel.keys, kernel

@@ -19,6 +19,7 @@ tests cover the multi-block loops).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -93,10 +94,10 @@ def _chain_delta(vals, x, s, oh, ow, mu, k, b, i, j, m, K, H, W, CI, HI, WI, SH,
 # Length: one kernel is one launch; the chain's stages share registers and would each reread
 # memory if split into functions of their own.
 @triton.autotune(configs=_configs({"BLOCK": 64}, [{"BLOCK": b} for b in (256, 1024, 2048)]),
-                 key=["B", "H", "W", "HP", "WP", "GATHER", "BN_MODE", "RELU", "POOL"])
+                 key=["KB", "B", "H", "W", "HP", "WP", "GATHER", "BN_MODE", "RELU", "POOL"])
 @triton.jit
 def _chain_kernel(out, vals, x, src, offh, offw, chan, scal, xhat, inv_std, bnw, rbase, pbase,
-                  B, K, C, H, W, CI, HI, WI, SH, SW, HP, WP, PK, PS,
+                  B, K, KB, C, H, W, CI, HI, WI, SH, SW, HP, WP, PK, PS,
                   GATHER: tl.constexpr, BN_MODE: tl.constexpr, RELU: tl.constexpr, POOL: tl.constexpr,
                   BLOCK: tl.constexpr):
     k = tl.program_id(0).to(tl.int64)
@@ -198,6 +199,17 @@ def _scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.full((1,), value, dtype=dtype, device=device)
 
 
+def _k_bucket(k: int) -> int:
+    """Autotuning key for the number of perturbations: its power of two (capped), so a config
+    tuned at K = 1 is not reused at K = 1400 and a new chunk length does not re-tune."""
+    return min(triton.next_power_of_2(max(int(k), 1)), 4096)
+
+
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU, not the current one (tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _pick(t, fallback):
     """An unused optional tensor is never dereferenced: pass a real tensor in its place."""
     return t if t is not None and t.numel() else fallback
@@ -214,11 +226,12 @@ def _chain(ref, b, k, h, w, vals, x, src, off_h, off_w, chan, mu, stride_h, stri
     gather = x is not None
     scal = _scalar(float(mu) if gather else 0.0, ref.dtype, ref.device)
     ci, hi, wi = x.shape[1:] if gather else (1, 1, 1)
-    _chain_kernel[(k,)](
-        out, _pick(vals, ref), _pick(x, ref), _pick(src, chan), _pick(off_h, chan), _pick(off_w, chan), chan,
-        scal, _pick(bn_xhat, ref), _pick(bn_inv_std, ref), _pick(bn_weight, ref), _pick(relu_base, ref),
-        _pick(pool_base, ref), b, k, c, h, w, ci, hi, wi, stride_h, stride_w, hp, wp, pool_k, pool_s,
-        GATHER=gather, BN_MODE=bn_mode, RELU=relu, POOL=pool)
+    with _on_device(ref):
+        _chain_kernel[(k,)](
+            out, _pick(vals, ref), _pick(x, ref), _pick(src, chan), _pick(off_h, chan), _pick(off_w, chan), chan,
+            scal, _pick(bn_xhat, ref), _pick(bn_inv_std, ref), _pick(bn_weight, ref), _pick(relu_base, ref),
+            _pick(pool_base, ref), b, k, _k_bucket(k), c, h, w, ci, hi, wi, stride_h, stride_w, hp, wp, pool_k, pool_s,
+            GATHER=gather, BN_MODE=bn_mode, RELU=relu, POOL=pool)
     return out
 
 
@@ -280,11 +293,11 @@ def _dense_act(v, res, b, c, i, j, m, C, H, W, mean, rs, wc, bc,
 # Length: one kernel is one launch (conv tap loop, statistics and tail in registers).
 @triton.autotune(configs=_configs({"BC": 8, "BLOCK": 64},
                                   [{"BC": bc, "BLOCK": bl} for bc, bl in ((1, 1024), (4, 256), (8, 256), (16, 64))]),
-                 key=["B", "C", "H", "W", "HI", "WI", "KH", "KW", "HP", "WP", "CONV", "BN_MODE", "RES", "RELU",
+                 key=["KB", "B", "C", "H", "W", "HI", "WI", "KH", "KW", "HP", "WP", "CONV", "BN_MODE", "RES", "RELU",
                       "POOL", "GLOBAL"])
 @triton.jit
 def _dense_kernel(out, vals, delta, chan, wgt, base, bnw, bnb, scal, res,
-                  B, K, C, H, W, CI, HI, WI, KH, KW, SH, SW, PH, PW, DH, DW, HP, WP, PK, PS,
+                  B, K, KB, C, H, W, CI, HI, WI, KH, KW, SH, SW, PH, PW, DH, DW, HP, WP, PK, PS,
                   CONV: tl.constexpr, BN_MODE: tl.constexpr, RES: tl.constexpr, RELU: tl.constexpr,
                   POOL: tl.constexpr, GLOBAL: tl.constexpr, BS: tl.constexpr, BC: tl.constexpr,
                   BLOCK: tl.constexpr):
@@ -354,7 +367,8 @@ def _dense_kernel(out, vals, delta, chan, wgt, base, bnw, bnb, scal, res,
                                          WI, KH, KW, SH, SW, PH, PW, DH, DW, CONV)
                         val = _dense_act(val, res, b, c3, i, j, ok & mc3, C, H, W, mean3, rs3, wc3, bc3,
                                          BN_MODE, RES, RELU)
-                        y = tl.maximum(y, tl.where(ok, val, float("-inf")))
+                        # torch's max-pool propagates NaN; tl.maximum drops it by default
+                        y = tl.maximum(y, tl.where(ok, val, float("-inf")), propagate_nan=tl.PropagateNan.ALL)
             else:
                 i = s // WP
                 j = s % WP
@@ -381,12 +395,13 @@ def _dense(ref, b, k, c, h, w, vals, delta, chan, weight, conv, base, bn_mode, b
     hi, wi = delta.shape[2:] if delta is not None else (1, 1)
     sh, sw, ph, pw, dh, dw = conv
     grid = lambda meta: (k * triton.cdiv(c, meta["BC"]),)  # noqa: E731
-    _dense_kernel[grid](
-        out, _pick(vals, ref), ref if delta is None else delta, chan, ref if weight is None else weight,
-        _pick(base, ref), _pick(bn_weight, ref), _pick(bn_bias, ref), scal, _pick(residual, ref),
-        b, k, c, h, w, ci, hi, wi, kh, kw, sh, sw, ph, pw, dh, dw, hp, wp, pool_k, pool_s,
-        CONV=delta is not None, BN_MODE=bn_mode, RES=residual.numel() > 0, RELU=relu, POOL=pool_k > 0,
-        GLOBAL=global_avg, BS=min(triton.next_power_of_2(hp * wp), _BS_CAP))
+    with _on_device(ref):
+        _dense_kernel[grid](
+            out, _pick(vals, ref), ref if delta is None else delta, chan, ref if weight is None else weight,
+            _pick(base, ref), _pick(bn_weight, ref), _pick(bn_bias, ref), scal, _pick(residual, ref),
+            b, k, _k_bucket(k), c, h, w, ci, hi, wi, kh, kw, sh, sw, ph, pw, dh, dw, hp, wp, pool_k, pool_s,
+            CONV=delta is not None, BN_MODE=bn_mode, RES=residual.numel() > 0, RELU=relu, POOL=pool_k > 0,
+            GLOBAL=global_avg, BS=min(triton.next_power_of_2(hp * wp), _BS_CAP))
     return out
 
 
@@ -458,8 +473,8 @@ def _lse_step(mx, s, v):
 @triton.jit
 def _ce_program(K, BK: tl.constexpr):
     """This program's sample b, perturbations ks and their mask."""
-    ks = tl.program_id(0) * BK + tl.arange(0, BK).to(_IDX)
-    return tl.program_id(1).to(tl.int64), ks, ks < K
+    ks = tl.program_id(1) * BK + tl.arange(0, BK).to(_IDX)
+    return tl.program_id(0).to(tl.int64), ks, ks < K
 
 
 @triton.jit
@@ -473,7 +488,7 @@ def _dense_logit_delta(values, base, weight, b, ks, mk, jn, mn, K, NIN, DT: tl.c
         a = tl.load(values + (b * K + ks[:, None]) * NIN + ii[None, :], mask=mk[:, None] & mi[None, :], other=0.0)
         a = a - tl.load(base + b * NIN + ii, mask=mi, other=0.0)[None, :]
         wt = tl.load(weight + jn[None, :] * NIN + ii[:, None], mask=mi[:, None] & mn[None, :], other=0.0)
-        acc = tl.dot(a, wt, acc, input_precision="ieee")
+        acc = tl.dot(a, wt, acc, input_precision="ieee", out_dtype=DT)  # float64 needs out_dtype (Triton 3.6)
     return acc.to(tl.float64)
 
 
@@ -517,9 +532,9 @@ def _row_ce(logits, target, values, base, weight, vk, ch, b, ks, mk, K, N, NIN, 
 
 
 @triton.autotune(configs=_configs({"BK": 16, "BN": 16}, [{"BK": bk, "BN": bn} for bk in (16, 64) for bn in (16, 64)]),
-                 key=["K", "B", "N", "NIN"])
+                 key=["KB", "B", "N", "NIN"])
 @triton.jit
-def _weight_ce_kernel(out, x, logits, target, idx, scal, K, B, N, NIN, BK: tl.constexpr, BN: tl.constexpr):
+def _weight_ce_kernel(out, x, logits, target, idx, scal, K, KB, B, N, NIN, BK: tl.constexpr, BN: tl.constexpr):
     """linear_weight_ce: logit ``idx // NIN`` changes by ``mu * x[b, idx % NIN]``."""
     b, ks, mk = _ce_program(K, BK)
     mx0, ls0 = _row_lse(logits, b, N, BN)
@@ -542,9 +557,9 @@ def _weight_ce_kernel(out, x, logits, target, idx, scal, K, B, N, NIN, BK: tl.co
 
 
 @triton.autotune(configs=_configs({"BK": 16, "BN": 16}, [{"BK": bk, "BN": bn} for bk in (16, 64) for bn in (16, 64)]),
-                 key=["K", "B", "N", "NIN"])
+                 key=["KB", "B", "N", "NIN"])
 @triton.jit
-def _rank1_ce_kernel(out, values, channel, weight, logits, target, K, B, N, NIN,
+def _rank1_ce_kernel(out, values, channel, weight, logits, target, K, KB, B, N, NIN,
                      BK: tl.constexpr, BN: tl.constexpr):
     """linear_rank1_ce: input feature ``channel[k]`` changes by ``values[b, k]``."""
     b, ks, mk = _ce_program(K, BK)
@@ -557,9 +572,9 @@ def _rank1_ce_kernel(out, values, channel, weight, logits, target, K, B, N, NIN,
 
 @triton.autotune(configs=_configs({"BK": 16, "BN": 16, "BI": 16},
                                   [{"BK": bk, "BN": bn, "BI": 32} for bk in (16, 64) for bn in (16, 64)]),
-                 key=["K", "B", "N", "NIN"])
+                 key=["KB", "B", "N", "NIN"])
 @triton.jit
-def _dense_ce_kernel(out, values, base, weight, logits, target, K, B, N, NIN,
+def _dense_ce_kernel(out, values, base, weight, logits, target, K, KB, B, N, NIN,
                      BK: tl.constexpr, BN: tl.constexpr, BI: tl.constexpr):
     """linear_dense_ce: the input features ``base[b]`` become ``values[b, k]`` (``NIN`` of them)."""
     b, ks, mk = _ce_program(K, BK)
@@ -574,8 +589,10 @@ def _ce(kernel, k, n_in, logits, *args):
     out = torch.empty((k, b), dtype=torch.float64, device=logits.device)
     if out.numel() == 0:
         return out
-    grid = lambda meta: (triton.cdiv(k, meta["BK"]), b)  # noqa: E731
-    kernel[grid](out, *args, k, b, n, n_in)
+    # Samples on grid axis 0 (up to 2^31 - 1 programs; axis 1 stops at 65535), chunks of K on axis 1.
+    grid = lambda meta: (b, triton.cdiv(k, meta["BK"]))  # noqa: E731
+    with _on_device(logits):
+        kernel[grid](out, *args, k, _k_bucket(k), b, n, n_in)
     return out
 
 
