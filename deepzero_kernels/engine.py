@@ -27,6 +27,7 @@ from .functional import forbid_randomness, has_hooks, model_lock, preserved_buff
 from .graph import (DROPOUT_FUNCS, affected_nodes, dropout_active, functionalize, is_inplace, last_uses,
                     param_sources, structure_signature)
 from .kernels import get as get_kernels
+from .kernels.validate import trusted_indices
 from .ops import check_count, resolve_backend
 from .precision import check_delta_precision, full_fp32
 
@@ -603,9 +604,11 @@ class DeltaEngine:
         ``partial``: a :class:`PartialRun` that records the finished chunks as they complete (and
         from which an interrupted call on the same batch and coordinates continues)."""
         partial = PartialRun() if partial is None else partial
+        self._check_coords(coords)
         # Precision is the engine's: values in full float32 (no TF32), see precision.py.
         self.last_report = report = EngineReport(perturbations=sum(int(c.numel()) for c in coords.values()))
-        with model_lock(self.model), preserved_buffers(self.model), full_fp32():
+        # Every kernel index derives from coords, checked above once: no range check (a sync) per chunk.
+        with model_lock(self.model), preserved_buffers(self.model), full_fp32(), trusted_indices():
             check_no_dropout(self.model)
             self.modules = dict(self.root.named_modules())
             reference, changed = self._eager_output(x)
@@ -628,6 +631,20 @@ class DeltaEngine:
                 self._warn_once(why, f"{why}; using the exact but slower batched functional evaluation.")
             report.path, report.reason, report.whole_model = "functional", why, report.perturbations
             return self._run_functional(reference, x, targets, coords, mu, on_chunk, partial)
+
+    def _check_coords(self, coords: dict) -> None:
+        """Names of trainable parameters, 1-D int64 flat indices in range (one sync per parameter)."""
+        params = dict(self.model.named_parameters())
+        for name, idx in coords.items():
+            if name not in params:
+                raise ValueError(f"coords names {name!r}, which is not a parameter of the model")
+            if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
+                raise TypeError(f"coords[{name!r}] must be a 1-D int64 tensor of flat indices")
+            if idx.numel():
+                lo, hi = (int(v) for v in torch.aminmax(idx))
+                if lo < 0 or hi >= params[name].numel():
+                    raise ValueError(f"coords[{name!r}] holds indices in [{lo}, {hi}], outside [0, "
+                                     f"{params[name].numel()}) of the parameter")
 
     def _run_traced(self, graph, base, x, targets, coords, mu, on_chunk, partial):
         """Length: the chunk loop over a parameter's nodes is one piece (working set, live set,

@@ -221,6 +221,12 @@ def log_softmax_delta(s0: torch.Tensor, d: torch.Tensor, dim: int) -> torch.Tens
     return d - torch.log1p((s0 * torch.expm1(d)).sum(dim, keepdim=True))
 
 
+def _needs_fallback(bad: torch.Tensor) -> bool:
+    """Whether the fallback branch must run: on a CPU only when some element needs it; on a GPU
+    always (``torch.where`` then picks the same values), since asking would be a device sync."""
+    return True if bad.is_cuda else bool(bad.any())
+
+
 def cross_entropy_delta(logits: torch.Tensor, target: torch.Tensor, delta: torch.Tensor,
                         coords: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample change of the cross-entropy loss when the logits change by ``delta``.
@@ -239,7 +245,7 @@ def cross_entropy_delta(logits: torch.Tensor, target: torch.Tensor, delta: torch
         hit = (target[None, :] == coords[:, None]).double()
         out = torch.log1p(p_i * torch.expm1(delta)) - delta * hit
         bad = ~torch.isfinite(out)
-        if bad.any():  # p_i rounded to 1 and a large negative delta: fall back to logsumexp
+        if _needs_fallback(bad):  # p_i rounded to 1 and a large negative delta: fall back to logsumexp
             full = torch.zeros(delta.shape + logits.shape[1:], dtype=delta.dtype, device=delta.device)
             full.scatter_(2, coords[:, None, None].expand(-1, delta.shape[1], 1), delta[..., None])
             out = torch.where(bad, cross_entropy_delta(logits, target, full), out)
@@ -249,7 +255,7 @@ def cross_entropy_delta(logits: torch.Tensor, target: torch.Tensor, delta: torch
     d_y = delta.gather(2, target[None, :, None].expand(delta.shape[0], -1, 1)).squeeze(2)
     out = torch.log1p(s) - d_y
     bad = ~torch.isfinite(out)
-    if bad.any():
+    if _needs_fallback(bad):
         direct = torch.logsumexp(logits + delta, -1) - torch.logsumexp(logits, -1) - d_y
         out = torch.where(bad, direct, out)
     return out

@@ -336,3 +336,54 @@ class TestBadInput:
         cge = CGE(self.model, loss_fn=lambda o, t: F.cross_entropy(o, t))  # reduced: wrong
         with pytest.raises(ValueError, match="per-sample"):
             cge.estimate(self.x, self.y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_no_host_sync_per_chunk(monkeypatch, backend):
+    """Issue 16 item 8: the syncs of an estimate (tensor -> Python conversions) do not grow with
+    its number of chunks: index ranges are checked once per estimate, not per kernel call, and the
+    cross-entropy change does not ask whether it needs its fallback (as on a GPU)."""
+    from deepzero_kernels import CGE
+    from deepzero_kernels.models import build_model
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=10, width=4, depth=2)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    from deepzero_kernels import formulas
+    monkeypatch.setattr(formulas, "_needs_fallback", lambda bad: True)  # what it does on a GPU
+    counts = {"n": 0}
+    for name in ("__int__", "__float__", "__bool__", "__index__", "item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            counts["n"] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(chunk_size):
+        if backend not in backends():
+            pytest.skip(f"{backend} not built")
+        cge, chunks = CGE(model, chunk_size=chunk_size, backend=backend), [0]
+        cge.estimate(x, y, on_chunk=lambda n, k: chunks.__setitem__(0, chunks[0] + 1))  # trace, kernels
+        counts["n"], chunks[0] = 0, 0
+        cge.estimate(x, y, on_chunk=lambda n, k: chunks.__setitem__(0, chunks[0] + 1))
+        return counts["n"], chunks[0]
+    few, n_few = syncs(4096)
+    many, n_many = syncs(3)
+    assert n_many > 10 * n_few
+    assert many == few, (few, many)
+
+
+def test_engine_checks_coordinates_once():
+    """The engine skips the kernels' per-call index checks, so it checks coords itself."""
+    from deepzero_kernels.engine import DeltaEngine
+    from deepzero_kernels.models import build_model
+    model = build_model("cnn", in_channels=1, num_classes=10, width=2, depth=1)
+    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    eng = DeltaEngine(model)
+    n = model.fc.weight.numel()
+    for coords, exc, msg in (({"fc.weight": torch.tensor([0, n])}, ValueError, "outside"),
+                             ({"fc.weight": torch.tensor([-1])}, ValueError, "outside"),
+                             ({"fc.weight": torch.tensor([0.0])}, TypeError, "int64"),
+                             ({"nope": torch.tensor([0])}, ValueError, "not a parameter")):
+        with pytest.raises(exc, match=msg):
+            eng.run(x, y, coords, 1e-3)
