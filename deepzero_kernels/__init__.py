@@ -14,8 +14,9 @@ _runtime.apply_omp_defaults()
 
 from . import ops  # noqa: E402
 from .estimators import CGE, RGE, assign_grads  # noqa: E402
+from .kernels.selftest import selftest  # noqa: E402
 from .ops import backends  # noqa: E402
 from .pruning import layer_densities, prune_masks, random_masks, zo_grasp_scores  # noqa: E402
 
 __all__ = ["CGE", "RGE", "assign_grads", "backends", "layer_densities", "ops", "prune_masks",
-           "random_masks", "zo_grasp_scores"]
+           "random_masks", "selftest", "zo_grasp_scores"]

@@ -858,3 +858,33 @@ def test_triton_autotune_key_buckets_k():
     assert [T._k_bucket(k) for k in (0, 1, 2, 3, 64, 65, 1400, 10 ** 6)] == [1, 1, 2, 4, 64, 128, 2048, 4096]
     for kernel in (T._chain_kernel, T._dense_kernel, T._weight_ce_kernel, T._rank1_ce_kernel, T._dense_ce_kernel):
         assert "KB" in kernel.keys and "K" not in kernel.keys, kernel
+
+
+def test_selftest_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """Issue 16: selftest(backend, device) against the reference; a backend with a wrong kernel is
+    skipped by backend='auto' (once per process and device, one warning naming the kernel)."""
+    from deepzero_kernels.kernels import registry
+    from deepzero_kernels.kernels import selftest as st
+    if "native" not in ops.backends():
+        pytest.skip("native backend not built")
+    for dtype in (torch.float32, torch.float64):
+        assert set(dz.selftest("native", "cpu", dtype).values()) == {None}
+    impl = kernels.get("native").impl
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(impl, name)
+
+        def linear_rank1_ce(self, *args):
+            return impl.linear_rank1_ce(*args) * 1.01
+    monkeypatch.setattr(registry.BACKENDS["native"], "load", lambda jit=True: (Broken(), None))
+    report = st.selftest("native", "cpu")
+    assert report["linear_rank1_ce"] and "differs" in report["linear_rank1_ce"]
+    assert sum(v is not None for v in report.values()) == 1
+    monkeypatch.setattr(registry, "SELFTEST_DEVICES", ("cpu",))
+    monkeypatch.setattr(registry, "_selftests", {})
+    with pytest.warns(UserWarning, match="native backend failed its selftest.*linear_rank1_ce"):
+        assert registry.resolve("auto", "cpu") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cached: no second selftest, no second warning about it
+        assert not registry._passes_selftest("native", torch.device("cpu"))[0]

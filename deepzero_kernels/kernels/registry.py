@@ -168,6 +168,27 @@ def available(device: torch.device | str | None = None, *, jit: bool = True) -> 
 
 
 _warned: set = set()
+# Devices on which backend="auto" first runs a backend's selftest (once per process and device).
+SELFTEST_DEVICES = ("cuda",)
+_selftests: dict = {}
+
+
+def _passes_selftest(name: str, device: torch.device) -> tuple[bool, str]:
+    """Whether backend ``name`` passes :func:`~.selftest.selftest` on ``device`` (cached); a
+    failure warns once, naming the kernels."""
+    key = (name, str(device))
+    if key not in _selftests:
+        from .selftest import selftest
+        try:
+            bad = {k: v for k, v in selftest(name, device).items() if v is not None}
+        except Exception as e:  # noqa: BLE001 - whatever breaks, the backend is not used
+            bad = {"(loading)": f"{type(e).__name__}: {e}"}
+        why = "; ".join(f"{k}: {v}" for k, v in bad.items())
+        if bad:
+            warnings.warn(f"deepzero_kernels: the {name} backend failed its selftest on {device} and is not used "
+                          f"by backend='auto' ({why})", stacklevel=4)
+        _selftests[key] = (not bad, f"failed its selftest ({why})" if bad else "")
+    return _selftests[key]
 
 
 def resolve(name: str, device: torch.device | str | None = None) -> str:
@@ -175,7 +196,8 @@ def resolve(name: str, device: torch.device | str | None = None) -> str:
     ``native`` or ``triton``.
 
     ``auto`` takes the first backend of :data:`PRIORITY` available on the device for which it is
-    meant (``native`` when it is built for the device, ``triton`` on a GPU), else ``torch``: it
+    meant (``native`` when it is built for the device, ``triton`` on a GPU) and, on a GPU, passing
+    its selftest (:mod:`.selftest`, once per process and device), else ``torch``: it
     never fails, and says once per device (a warning) which optional backend it could not use.
     Naming an unavailable backend is a ``ValueError`` with the reason."""
     if not isinstance(name, str) or name not in ENGINE_BACKENDS:
@@ -193,6 +215,8 @@ def resolve(name: str, device: torch.device | str | None = None) -> str:
         if device.type not in BACKENDS[cand].auto_devices:
             continue
         ok, why = BACKENDS[cand].available(device)
+        if ok and device.type in SELFTEST_DEVICES:
+            ok, why = _passes_selftest(cand, device)
         if ok:
             return cand
         missing.append(f" {cand}: {why}.")
