@@ -14,7 +14,7 @@ _runtime.apply_omp_defaults()
 
 from . import ops  # noqa: E402
 from .estimators import CGE, RGE, assign_grads  # noqa: E402
-from .kernels.selftest import selftest  # noqa: E402
+from .kernels.registry import selftest  # noqa: E402
 from .ops import backends  # noqa: E402
 from .pruning import layer_densities, prune_masks, random_masks, zo_grasp_scores  # noqa: E402
 

@@ -864,7 +864,6 @@ def test_selftest_passes_and_catches_a_wrong_kernel(monkeypatch):
     """Issue 16: selftest(backend, device) against the reference; a backend with a wrong kernel is
     skipped by backend='auto' (once per process and device, one warning naming the kernel)."""
     from deepzero_kernels.kernels import registry
-    from deepzero_kernels.kernels import selftest as st
     if "native" not in ops.backends():
         pytest.skip("native backend not built")
     for dtype in (torch.float32, torch.float64):
@@ -878,7 +877,7 @@ def test_selftest_passes_and_catches_a_wrong_kernel(monkeypatch):
         def linear_rank1_ce(self, *args):
             return impl.linear_rank1_ce(*args) * 1.01
     monkeypatch.setattr(registry.BACKENDS["native"], "load", lambda jit=True: (Broken(), None))
-    report = st.selftest("native", "cpu")
+    report = registry.selftest("native", "cpu")
     assert report["linear_rank1_ce"] and "differs" in report["linear_rank1_ce"]
     assert sum(v is not None for v in report.values()) == 1
     monkeypatch.setattr(registry, "SELFTEST_DEVICES", ("cpu",))

@@ -23,6 +23,7 @@ import torch
 
 from . import native, reference
 from .validate import Kernels
+from .selftest import check_kernels
 
 __all__ = ["Backend", "BACKENDS", "PRIORITY", "ENGINE_BACKENDS", "available", "resolve", "get"]
 
@@ -173,12 +174,18 @@ SELFTEST_DEVICES = ("cuda",)
 _selftests: dict = {}
 
 
+def selftest(backend: str, device="cpu", dtype=torch.float32) -> dict:
+    """Run every fused kernel of ``backend`` (``"native"``, ``"triton"``) on ``device`` on tiny
+    random inputs against the ``reference`` backend. Returns ``{kernel: None if it agrees, else
+    what went wrong}``; raises ValueError when the backend cannot be loaded at all."""
+    return check_kernels(get(backend), get("reference"), device, dtype)
+
+
 def _passes_selftest(name: str, device: torch.device) -> tuple[bool, str]:
     """Whether backend ``name`` passes :func:`~.selftest.selftest` on ``device`` (cached); a
     failure warns once, naming the kernels."""
     key = (name, str(device))
     if key not in _selftests:
-        from .selftest import selftest
         try:
             bad = {k: v for k, v in selftest(name, device).items() if v is not None}
         except Exception as e:  # noqa: BLE001 - whatever breaks, the backend is not used

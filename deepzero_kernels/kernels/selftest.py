@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..formulas import conv_weight_coords
 from .spec import BnArgs, ConvArgs, PoolArgs
 
-__all__ = ["selftest", "kernel_cases"]
+__all__ = ["check_kernels", "kernel_cases"]
 
 _MU = 1e-2
 _TOL = {torch.float64: 1e-9, torch.float32: 1e-3}
@@ -68,12 +68,10 @@ def kernel_cases(device, dtype=torch.float32, seed: int = 0) -> dict:
     }
 
 
-def selftest(backend: str, device="cpu", dtype=torch.float32) -> dict:
-    """Run every kernel of ``backend`` (``"native"``, ``"triton"``) on ``device`` against the
-    ``reference`` backend. Returns ``{kernel: None if it agrees, else what went wrong}``; raises
-    ValueError when the backend cannot be loaded at all."""
-    from .registry import get
-    kern, ref = get(backend), get("reference")
+def check_kernels(kern, ref, device="cpu", dtype=torch.float32) -> dict:
+    """Every kernel of ``kern`` (validated :class:`~.validate.Kernels`) against ``ref`` on
+    ``device``: ``{kernel: None if it agrees, else what went wrong}`` (see
+    :func:`deepzero_kernels.selftest`)."""
     out = {}
     for name, kw in kernel_cases(torch.device(device), dtype).items():
         try:
