@@ -1,6 +1,7 @@
-"""Models used by the paper, the tests and the architecture benchmark: the App. B simple CNN, CIFAR
-ResNets (ResNet-20/32/44/56 and ResNet-18), MobileNetV2, EfficientNet-B0, a DenseNet-BC block stack,
-ShuffleNetV2, a ConvNeXt block stack, a small ViT and an MLP, all for 32x32 inputs.
+"""Models used by the paper, the tests and the architecture benchmark: the App. B simple CNN, the
+8-layer CNN of Boopathy & Fiete (2022) (the paper's Tab. 1), CIFAR ResNets (ResNet-20/32/44/56 and
+ResNet-18), MobileNetV2, EfficientNet-B0, a DenseNet-BC block stack, ShuffleNetV2, a ConvNeXt block
+stack, a small ViT and an MLP, all for 32x32 inputs.
 
 The modern architectures share one layout, ``features`` (an ``nn.Sequential`` of the stem and the
 blocks) then :meth:`forward_head`, so that the paper's feature-reuse baseline can cache the input
@@ -17,11 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["SimpleCNN", "MLP", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44",
-           "resnet56", "resnet18", "FeaturesHead", "InvertedResidual", "MobileNetV2", "mobilenet_v2", "StochasticDepth",
-           "SqueezeExcite", "MBConv", "EfficientNet", "efficientnet_b0", "DenseLayer", "DenseNet", "densenet",
-           "ShuffleUnit", "ShuffleNetV2", "shufflenet_v2", "LayerNorm2d", "ConvNeXtBlock", "ConvNeXt", "convnext",
-           "ViTBlock", "ViT", "vit", "ARCHITECTURES", "build_model", "user_model"]
+__all__ = ["SimpleCNN", "MLP", "BoopathyCNN8", "boopathy_cnn8", "BasicBlock", "CifarResNet", "resnet20", "resnet32",
+           "resnet44", "resnet56", "resnet18", "FeaturesHead", "InvertedResidual", "MobileNetV2", "mobilenet_v2",
+           "StochasticDepth", "SqueezeExcite", "MBConv", "EfficientNet", "efficientnet_b0", "DenseLayer", "DenseNet",
+           "densenet", "ShuffleUnit", "ShuffleNetV2", "shufflenet_v2", "LayerNorm2d", "ConvNeXtBlock", "ConvNeXt",
+           "convnext", "ViTBlock", "ViT", "vit", "ARCHITECTURES", "build_model", "user_model"]
 
 
 class SimpleCNN(nn.Module):
@@ -63,6 +64,50 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class BoopathyCNN8(nn.Module):
+    """The 8-layer CNN of Boopathy & Fiete (ICML 2022, "How to train your wide neural network without
+    backprop"), on which the DeepZero paper's Tab. 1 compares DeepZero with FA, DFA and Align-ada:
+    seven conv3x3 layers of ``width`` channels ('same' padding, strides 1, 1, 1, 2, 1, 2, 1), each
+    followed by BatchNorm without affine parameters and ReLU, global average pooling and a linear
+    classifier (seven conv + one linear = eight weight layers). Input ``(B, in_channels, H, W)``,
+    any ``H, W`` (8x8 digits end at 2x2, 32x32 CIFAR-10 at 8x8), output ``(B, num_classes)``.
+
+    As in the authors' code the normalisation has no scale/shift; their convolutions also carry a
+    bias, which a batch-statistics BatchNorm cancels exactly, so ``conv_bias=False`` by default
+    (``True`` restores it). Weights use PyTorch's standard parameterisation and initialisation
+    (the authors' NTK parameterisation, N(0, 1) weights scaled by 1/sqrt(fan-in) in the forward,
+    is the same network with per-layer learning rates)."""
+
+    STRIDES = (1, 1, 1, 2, 1, 2, 1)
+
+    def __init__(self, width: int = 64, num_classes: int = 10, in_channels: int = 3, conv_bias: bool = False):
+        super().__init__()
+        if width < 1 or num_classes < 1 or in_channels < 1:
+            raise ValueError(f"width, num_classes and in_channels must be >= 1, got width={width}, "
+                             f"num_classes={num_classes}, in_channels={in_channels}")
+        layers, c = [], in_channels
+        for s in self.STRIDES:
+            layers += [nn.Conv2d(c, width, 3, stride=s, padding=1, bias=conv_bias),
+                       nn.BatchNorm2d(width, affine=False), nn.ReLU()]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.features(x))))
+
+
+def boopathy_cnn8(width: int = 64, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                  **kw) -> BoopathyCNN8:
+    """:class:`BoopathyCNN8` at ``width`` channels (the paper's Tab. 1: 32/64 for DeepZero, 64/512
+    for FA, DFA and Align-ada). ``image_size`` is checked only (global pooling fits any size)."""
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return BoopathyCNN8(width, num_classes, in_channels, **kw)
 
 
 class ShortcutA(nn.Module):
@@ -567,7 +612,8 @@ ARCHITECTURES = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet4
 
 def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
                 depth: int = 2, width: int = 16) -> nn.Module:
-    """Build a model by name: ``cnn`` (App. B, ``depth``/``width``), ``mlp``, or one of
+    """Build a model by name: ``cnn`` (App. B, ``depth``/``width``), ``cnn8`` (the 8-layer CNN of
+    Boopathy & Fiete, 2022, ``width``), ``mlp``, or one of
     :data:`ARCHITECTURES` at its standard size (``resnet20/32/44/56``, ``resnet18``, ``mobilenet_v2``,
     ``efficientnet_b0``, ``densenet``, ``shufflenet_v2``, ``convnext``, ``vit``), or a user's
     ``"package.module:factory"`` (:func:`user_model`)."""
@@ -577,8 +623,10 @@ def build_model(name: str, *, in_channels: int = 3, num_classes: int = 10, image
         return SimpleCNN(in_channels, num_classes, depth=depth, width=width)
     if name == "mlp":
         return MLP(in_channels * image_size * image_size, num_classes, hidden=(width * 4, width * 4))
+    if name == "cnn8":
+        return boopathy_cnn8(width=width, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if name == "vit":
         return vit(num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     if name in ARCHITECTURES:
         return ARCHITECTURES[name](num_classes=num_classes, in_channels=in_channels)
-    raise ValueError(f"unknown model {name!r}; choose from cnn, mlp, {', '.join(ARCHITECTURES)}")
+    raise ValueError(f"unknown model {name!r}; choose from cnn, cnn8, mlp, {', '.join(ARCHITECTURES)}")

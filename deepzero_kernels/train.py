@@ -36,7 +36,7 @@ from .runtime import rss_bytes
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "deepzero_kernels.train/1"
-MODELS = ("cnn", *ARCHITECTURES, "mlp")
+MODELS = ("cnn", "cnn8", *ARCHITECTURES, "mlp")
 # Flags that only change speed or display: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "out", "progress", "progress_interval", "threads", "device", "backend", "memory_budget",
                "eval_batch_size", "dist_timeout", "check_every", "dry_run", "max_hours"}
@@ -117,7 +117,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                         "num_classes, in_channels, image_size it accepts)")
     g.add_argument("--depth", type=int, default=d(2), help="conv blocks of the App. B CNN")
     g.add_argument("--width", type=int, default=d(16),
-                   help="channels of the App. B CNN (MLP: hidden = 4 x width)")
+                   help="channels of the App. B CNN and of cnn8 (MLP: hidden = 4 x width)")
     g = p.add_argument_group("zeroth-order estimation and sparsity")
     g.add_argument("--estimator", choices=("cge", "rge", "fo"), default=d("cge"),
                    help="cge: coordinate-wise (DeepZero); rge: randomized; fo: backprop baseline")
