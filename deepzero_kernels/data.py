@@ -287,6 +287,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None, *, augment: bool = T
         return synthetic(synthetic_shape, n_train=synthetic_n[0], n_test=synthetic_n[1], seed=seed)
     if name.endswith((".npz", ".pt")):
         return tensor_file(name)
+    if os.path.isdir(name):
+        return image_folder(name)
     if ":" in name:
         return user_dataset(name)
     raise ValueError(f"unknown dataset {name!r}; choose digits, cifar10, synthetic, a .npz/.pt file or "
@@ -354,6 +356,66 @@ def tensor_file(path: str) -> Dataset:
     n = got.get("num_classes")
     return from_tensors(os.path.basename(path), *(got[k] for k in _SPLITS),
                         num_classes=int(np.asarray(n)) if n is not None else None)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def is_image_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test"))
+
+
+def _read_split(root: str, split: str, classes: list) -> tuple:
+    """uint8 images (N, C, H, W) and labels of ``root/split/<class>/*``; every image the size of
+    the first one (grey if every image is, else RGB)."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise DatasetError("image folders are read with Pillow: pip install pillow") from None
+    files = [(os.path.join(root, split, c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(root, split, c))) if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise DatasetError(f"{os.path.join(root, split)} holds no images ({', '.join(IMAGE_SUFFIXES)}) in its class "
+                           "folders")
+    images = []
+    for path, _ in files:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, UnidentifiedImageError) as e:
+            raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+    mode = "L" if all(im.mode in ("L", "1") for im in images) else "RGB"
+    size = images[0].size
+    arrays = []
+    for (path, _), im in zip(files, images):
+        if im.size != size:
+            raise DatasetError(f"image {path} is {im.size[0]}x{im.size[1]}, but {files[0][0]} is {size[0]}x{size[1]}: "
+                               "all images of a folder dataset must have one size (resize them first)")
+        a = np.asarray(im.convert(mode), dtype=np.uint8)
+        arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return np.stack(arrays), np.array([i for _, i in files], dtype=np.int64)
+
+
+def image_folder(root: str) -> Dataset:
+    """Images in ``root/train/<class>/*`` and ``root/test/<class>/*`` (the class folder names,
+    sorted, are the classes; the same in both splits), read with Pillow into (N, C, H, W) floats in
+    [0, 1]: grey images give one channel, anything else RGB. Problems (no images, an unreadable
+    file, sizes that differ, class folders that differ) are a :class:`DatasetError`."""
+    if not is_image_folder(root):
+        raise DatasetError(f"{root} must hold train/ and test/ folders with one folder per class")
+    classes = {s_: sorted(d for d in os.listdir(os.path.join(root, s_)) if os.path.isdir(os.path.join(root, s_, d)))
+               for s_ in ("train", "test")}
+    if not classes["train"]:
+        raise DatasetError(f"{os.path.join(root, 'train')} has no class folders")
+    if classes["train"] != classes["test"]:
+        raise DatasetError(f"{root}: the class folders of train/ {classes['train']} and test/ {classes['test']} differ")
+    x_tr, y_tr = _read_split(root, "train", classes["train"])
+    x_te, y_te = _read_split(root, "test", classes["train"])
+    ds = from_tensors(os.path.basename(os.path.normpath(root)), x_tr, y_tr, x_te, y_te,
+                      num_classes=len(classes["train"]))
+    ds.info = {**(ds.info or {}), "classes": classes["train"], "root": os.path.abspath(root)}
+    return ds
 
 
 def user_dataset(spec: str) -> Dataset:

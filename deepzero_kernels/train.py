@@ -98,8 +98,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS if suppress_defaults else None)
     d = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default=d("digits"), metavar="{digits,cifar10,synthetic,FILE.npz,FILE.pt,MODULE:FACTORY}",
-                   help="your own data: a .npz/.pt file with x_train, y_train, x_test, y_test, or "
+    g.add_argument("--dataset", default=d("digits"),
+                   metavar="{digits,cifar10,synthetic,FILE.npz,FILE.pt,DIR,MODULE:FACTORY}",
+                   help="your own data: a .npz/.pt file with x_train, y_train, x_test, y_test, an image folder DIR "
+                        "(DIR/train/<class>/*.png and DIR/test/<class>/*.png, one size), or "
                         "package.module:factory returning them (see python/examples/own_model_and_data.py); "
                         "digits: sklearn's 8x8 digits (embedded); cifar10: python-format batches in "
                         "--data-dir; synthetic: Gaussian class clusters, see --synthetic-shape")
@@ -218,6 +220,8 @@ def validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     need(not (a.sparsity > 0 and a.sparsity_method == "none"),
          f"--sparsity {a.sparsity} with --sparsity-method none: use --sparsity 0 for dense training "
          f"or pick zo_grasp/random")
+    need(not (os.path.isdir(a.dataset) and not D.is_image_folder(a.dataset)),
+         f"--dataset {a.dataset}: an image folder must hold train/ and test/ folders with one folder per class")
     for flag in ("model", "dataset"):
         valid, what = _NAMED_FIELDS[flag]
         need(valid(getattr(a, flag)), f"--{flag}: invalid choice {getattr(a, flag)!r} (choose {what})")
@@ -277,8 +281,8 @@ DATASETS = ("digits", "cifar10", "synthetic")
 # Flags that take a name from a list or a user's spec (no argparse choices): how to check a saved value.
 _NAMED_FIELDS = {
     "model": (lambda v: v in MODELS or ":" in v, "one of " + ", ".join(MODELS) + " or package.module:factory"),
-    "dataset": (lambda v: v in DATASETS or ":" in v or v.endswith((".npz", ".pt")),
-                "one of " + ", ".join(DATASETS) + ", a .npz/.pt file or package.module:factory"),
+    "dataset": (lambda v: v in DATASETS or ":" in v or v.endswith((".npz", ".pt")) or D.is_image_folder(v),
+                "one of " + ", ".join(DATASETS) + ", a .npz/.pt file, an image folder or package.module:factory"),
 }
 
 

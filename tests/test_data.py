@@ -214,3 +214,64 @@ def test_load_dataset_dispatch():
     with pytest.raises(ValueError, match="data directory"):
         D.load_dataset("cifar10")
     assert D.load_dataset("synthetic", synthetic_shape=(2, 4, 4), synthetic_n=(8, 4)).x_train.shape == (8, 2, 4, 4)
+
+
+def _image_folder(root, sizes=None, rgb=False, test_classes=("cat", "dog")):
+    """root/train/{cat,dog}/*.png (3 each) and root/test/<test_classes>/*.png (2 each), 6x5 images."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for split, n, classes in (("train", 3, ("cat", "dog")), ("test", 2, test_classes)):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c))
+            for i in range(n):
+                w, h = (sizes or {}).get((split, c, i), (6, 5))
+                a = g.integers(0, 256, (h, w, 3) if rgb else (h, w), dtype=np.uint8)
+                Image.fromarray(a).save(os.path.join(root, split, c, f"{i}.png"))
+    return str(root)
+
+
+def test_image_folder_dataset(tmp_path):
+    from deepzero_kernels import data as D
+    root = _image_folder(tmp_path / "pets")
+    ds = D.load_dataset(root)
+    assert ds.x_train.shape == (6, 1, 5, 6) and ds.x_test.shape == (4, 1, 5, 6) and ds.num_classes == 2
+    assert ds.y_train.tolist() == [0, 0, 0, 1, 1, 1] and ds.info["classes"] == ["cat", "dog"]
+    from PIL import Image
+    first = np.asarray(Image.open(os.path.join(root, "train", "cat", "0.png")), dtype=np.float32) / 255
+    assert torch.allclose(ds.x_train[0, 0], torch.from_numpy(first))
+    rgb = D.load_dataset(_image_folder(tmp_path / "rgb", rgb=True))
+    assert rgb.x_train.shape == (6, 3, 5, 6) and 0 <= float(rgb.x_train.min()) and float(rgb.x_train.max()) <= 1
+
+
+@pytest.mark.parametrize("problem,match", [
+    ("size", "all images of a folder dataset must have one size"),
+    ("classes", "class folders of train/"),
+    ("corrupt", "cannot read image"),
+    ("empty", "holds no images"),
+])
+def test_image_folder_problems_are_clear(tmp_path, problem, match):
+    from deepzero_kernels import data as D
+    if problem == "size":
+        root = _image_folder(tmp_path / "d", sizes={("train", "dog", 1): (7, 5)})
+    elif problem == "classes":
+        root = _image_folder(tmp_path / "d", test_classes=("cat", "eel"))
+    else:
+        root = _image_folder(tmp_path / "d")
+        if problem == "corrupt":
+            (tmp_path / "d" / "test" / "dog" / "1.png").write_bytes(b"not a png")
+        else:
+            for f in (tmp_path / "d" / "test").rglob("*.png"):
+                f.unlink()
+    with pytest.raises(D.DatasetError, match=match):
+        D.load_dataset(root)
+
+
+def test_trainer_on_an_image_folder(tmp_path, capsys):
+    from deepzero_kernels import train
+    root = _image_folder(tmp_path / "pets")
+    argv = ["--dataset", root, "--model", "cnn", "--width", "2", "--depth", "1", "--batch-size", "4", "--epochs", "1",
+            "--sparsity", "0", "--no-progress", "--threads", "1"]
+    assert train.main(argv) == 0
+    with pytest.raises(SystemExit) as e:
+        train.main(["--dataset", str(tmp_path), "--epochs", "1"])  # a folder without train/ and test/
+    assert e.value.code == 2 and "must hold train/ and test/" in capsys.readouterr().err
