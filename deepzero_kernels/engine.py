@@ -31,7 +31,7 @@ from .kernels.validate import trusted_indices
 from .ops import check_count, resolve_backend
 from .precision import check_delta_precision, full_fp32
 
-__all__ = ["DeltaEngine", "EngineReport", "PartialRun", "per_sample_cross_entropy", "default_memory_budget",
+__all__ = ["DeltaEngine", "EngineReport", "PartialMismatch", "PartialRun", "per_sample_cross_entropy", "default_memory_budget",
            "query_loss"]
 
 _GiB = 1 << 30
@@ -157,77 +157,101 @@ class EngineReport:
         return text
 
 
+class PartialMismatch(ValueError):
+    """A :class:`PartialRun` that this call cannot continue bitwise (another batch, model,
+    coordinates, backend or chunk sizing): start the estimate afresh instead."""
+
+
 class PartialRun:
     """The loss changes one :meth:`DeltaEngine.run` has finished, chunk by chunk, so that an
     interrupted estimate continues where it stopped. A resumed run recomputes the unperturbed pass
-    (checked bitwise against the one recorded here: a different batch or model is refused) and
-    then evaluates only the chunks not done, with the chunk lengths recorded here: every
-    coordinate's loss change comes from the same chunk as in an uninterrupted run, so the result
-    is bitwise the same. Its fields are only ever extended after a chunk's rows are written, so
-    the record is consistent whenever an interrupt arrives."""
+    (checked bitwise against the one recorded here) and then evaluates only the chunks not done,
+    with the chunk lengths recorded here: every coordinate's loss change comes from the same chunk
+    as in an uninterrupted run, so the result is bitwise the same. A record this call cannot
+    continue exactly (another batch, model, coordinates, backend, budget or precision) raises
+    :class:`PartialMismatch` before any work. A parameter's progress is one ``(done, chunk)`` entry,
+    written in one step after its rows, so the record is consistent whenever an interrupt arrives."""
 
     def __init__(self):
         self.base_loss = None  # (B,) float64 of the unperturbed batch
-        self.rows = {}  # name -> (n, B) float64; rows [0, done[name]) are final
-        self.done = {}  # name -> rows finished
-        self.chunk = {}  # name -> chunk length after the first chunk (which measures the working set)
+        self.setup = None  # what decides chunking and rounding: backend, budget, chunk size, precision
+        self.rows = {}  # name -> (n, B) float64; rows [0, done) are final
+        self.progress = {}  # name -> (rows done, chunk length after the first, measuring, chunk)
+
+    @property
+    def done(self) -> dict:
+        return {n: d for n, (d, _) in self.progress.items()}
 
     @property
     def perturbations(self) -> int:
-        return sum(self.done.values())
+        return sum(d for d, _ in self.progress.values())
 
     def state_dict(self) -> dict:
         """CPU tensors of the finished rows only (what a checkpoint stores)."""
-        return {"base_loss": None if self.base_loss is None else self.base_loss.cpu(),
-                "rows": {n: self.rows[n][:d].cpu() for n, d in self.done.items()},
-                "done": dict(self.done), "chunk": dict(self.chunk)}
+        prog = dict(self.progress)
+        return {"base_loss": None if self.base_loss is None else self.base_loss.cpu(), "setup": self.setup,
+                "rows": {n: self.rows[n][:d].cpu() for n, (d, _) in prog.items()},
+                "done": {n: d for n, (d, _) in prog.items()}, "chunk": {n: c for n, (_, c) in prog.items()}}
 
     @classmethod
     def from_state_dict(cls, sd: dict) -> "PartialRun":
         """Raises ValueError when ``sd`` is not a partial run's record."""
         pr = cls()
         try:
-            pr.base_loss, rows, pr.done, pr.chunk = sd["base_loss"], sd["rows"], dict(sd["done"]), dict(sd["chunk"])
-            ok = (set(rows) == set(pr.done) and all(isinstance(d, int) and d >= 0 for d in pr.done.values())
-                  and all(isinstance(c, int) and c >= 1 for c in pr.chunk.values())
-                  and isinstance(pr.base_loss, torch.Tensor) and pr.base_loss.dim() == 1
+            base, rows, done, chunk = sd["base_loss"], sd["rows"], dict(sd["done"]), dict(sd["chunk"])
+            pr.setup = sd.get("setup")
+
+            def count(v, lo):
+                return type(v) is int and v >= lo
+            ok = (set(rows) == set(done) and set(done) <= set(chunk) and isinstance(base, torch.Tensor)
+                  and base.dim() == 1 and base.dtype == torch.float64
+                  and all(count(done[n], 1) and count(chunk[n], 1) for n in done)
+                  and (pr.setup is None or isinstance(pr.setup, dict))
                   and all(isinstance(r, torch.Tensor) and r.dtype == torch.float64
-                          and tuple(r.shape) == (pr.done[n], pr.base_loss.shape[0]) for n, r in rows.items()))
+                          and tuple(r.shape) == (done[n], base.shape[0]) for n, r in rows.items()))
         except (KeyError, TypeError, AttributeError):
             ok = False
         if not ok:
-            raise ValueError("not the record of a partial estimate (fields base_loss, rows, done, chunk)")
-        pr.rows = dict(rows)
+            raise ValueError("not the record of a partial estimate (fields base_loss, setup, rows, done, chunk)")
+        pr.base_loss, pr.rows = base, dict(rows)
+        pr.progress = {n: (done[n], chunk[n]) for n in done}
         return pr
 
-    def start(self, base_loss: torch.Tensor) -> None:
-        """Record the unperturbed losses, or check them against the recorded ones."""
+    def start(self, base_loss: torch.Tensor, setup: dict, sizes: dict) -> None:
+        """Record the unperturbed losses and the setup, or check a record against them and against
+        ``sizes`` (name -> coordinates estimated now). Raises :class:`PartialMismatch`."""
         if self.base_loss is None:
-            self.base_loss = base_loss.detach().clone()
-        elif self.base_loss.shape != base_loss.shape or not torch.equal(self.base_loss.to(base_loss.device),
-                                                                         base_loss):
-            raise ValueError("the partial estimate was made on another batch or model (its unperturbed losses "
-                             "differ): it cannot be continued")
+            self.base_loss, self.setup = base_loss.detach().clone(), dict(setup)
+            return
+        why = None
+        if self.setup is not None and self.setup != setup:
+            why = f"it was made with {self.setup}, this estimate runs with {setup}"
+        elif self.base_loss.shape != base_loss.shape or not torch.equal(self.base_loss.to(base_loss.device), base_loss):
+            why = "its unperturbed losses differ (another batch, model, device or thread count)"
+        else:
+            bad = [n for n, (d, c) in self.progress.items() if n not in sizes or d > sizes[n] or c > sizes[n]]
+            partly = [n for n, (d, _) in self.progress.items() if n in sizes and d < sizes[n]]
+            if bad or len(partly) > 1:
+                why = f"its records of {bad or partly} do not fit the coordinates estimated now"
+        if why:
+            raise PartialMismatch(f"the interrupted estimate cannot be continued exactly: {why}")
 
     def rows_for(self, name: str, n: int, b: int, device) -> tuple:
         """``(out, done, chunk)``: the (n, b) result of ``name`` with its finished rows filled in,
         and the chunk length to go on with (None: not measured yet)."""
-        done = self.done.get(name, 0)
-        if done > n or (done and name not in self.chunk):
-            raise ValueError(f"the partial estimate of {name} has {done} rows done, but {n} coordinates are "
-                             "estimated now")
+        done, chunk = self.progress.get(name, (0, None))
         out = self.rows.get(name)
         if out is None or out.shape != (n, b) or out.device != torch.device(device):
             full = torch.empty((n, b), dtype=torch.float64, device=device)
             if done:
                 full[:done] = self.rows[name][:done].to(device)
             out = self.rows[name] = full
-        return out, done, self.chunk.get(name)
+        return out, done, chunk
 
     def finished(self, name: str, done: int, chunk: int) -> None:
-        """Rows [0, done) of ``name`` are final; the chunks go on with length ``chunk``."""
-        self.chunk[name] = chunk
-        self.done[name] = done
+        """Rows [0, done) of ``name`` are final; the chunks go on with length ``chunk``. One store:
+        an interrupt sees the old entry or the new one."""
+        self.progress[name] = (done, chunk)
 
 
 class _Selected(nn.Module):
@@ -632,6 +656,11 @@ class DeltaEngine:
             report.path, report.reason, report.whole_model = "functional", why, report.perturbations
             return self._run_functional(reference, x, targets, coords, mu, on_chunk, partial)
 
+    def _setup(self, path: str) -> dict:  # path: the backend of the delta rules, or "functional"
+        """What decides how an estimate is chunked and rounded (a partial estimate must match it)."""
+        return {"backend": path, "memory_budget": self.memory_budget, "chunk_size": self.chunk_size,
+                "delta_precision": self.delta_precision}
+
     def _check_coords(self, coords: dict) -> None:
         """Names of trainable parameters, 1-D int64 flat indices in range (one sync per parameter)."""
         params = dict(self.model.named_parameters())
@@ -657,7 +686,7 @@ class DeltaEngine:
         p.kernels = self.kernels if self.kernels is not None else None if name == "torch" else get_kernels(name)
         p.targets = targets
         p.base_loss = self.call_loss(yb, targets).double()
-        partial.start(p.base_loss)
+        partial.start(p.base_loss, self._setup(name), {nm: int(c.numel()) for nm, c in coords.items()})
         order = {n: i for i, n in enumerate(graph.nodes)}
         params = dict(self.model.named_parameters())
         by_id = param_sources(graph, self.root, self.modules)
@@ -737,7 +766,7 @@ class DeltaEngine:
         one at a time); the user's parameters are never written."""
         if base_loss is None:
             base_loss = self.call_loss(yb, targets).double()
-            partial.start(base_loss)
+            partial.start(base_loss, self._setup("functional"), {nm: int(c.numel()) for nm, c in coords.items()})
         params = {n: t.detach() for n, t in self.model.named_parameters()}
         result = {}
         for name, idx in coords.items():

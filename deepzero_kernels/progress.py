@@ -36,9 +36,14 @@ class Progress:
                             dynamic_ncols=True, file=self.stream)
         self._n0 = self.n  # units done before this object started: not part of its rate
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, note: str | None = None) -> None:
+        """Advance by ``n`` (and set the status text to ``note``): one redraw or line for both."""
         self.n += n
+        if note is not None:
+            self.text = note
         if self.bar is not None:
+            if note is not None:
+                self.bar.set_postfix_str(note, refresh=False)
             self.bar.update(n)
         self._maybe_line()
 

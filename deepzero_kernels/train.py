@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as D
-from .engine import PartialRun
+from .engine import PartialMismatch, PartialRun
 from .estimators import CGE, RGE
 from .models import ARCHITECTURES, build_model
 from .ops import check_mu
@@ -341,6 +341,7 @@ def parse_args(argv=None):
                         f"({saved[k]}); a resumed run keeps its configuration")
         merged = {**ADDED_FLAGS, **saved}
         merged.update({k: v for k, v in vars(a).items() if k in RESUME_FREE})
+        merged.update(_saved_numerics(a.resume))  # the run's own backend and budget, unless given now
         merged.update({k: v for k, v in explicit.items() if k in RESUME_FREE})
         if isinstance(saved.get("epochs"), int) and explicit.get("epochs", 0) > saved["epochs"]:
             merged["epochs"] = explicit["epochs"]  # extends the run
@@ -387,6 +388,21 @@ def load_config(run_dir: str) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"--resume {run_dir}: config.json is corrupt (config is not an object)")
     return cfg
+
+
+# Resume-free flags that still decide float rounding (the backend's kernels, the chunk sizes): a
+# resumed run takes the saved values unless the command line gives others.
+NUMERICS_FLAGS = ("backend", "memory_budget")
+
+
+def _saved_numerics(run_dir: str) -> dict:
+    """The NUMERICS_FLAGS a run was started with (config.json's derived.flags; {} for older runs)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            got = json.load(f).get("derived", {}).get("flags", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {k: got[k] for k in NUMERICS_FLAGS if isinstance(got, dict) and k in got}
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -580,9 +596,10 @@ def _on_step_end(epoch: int, step: int) -> None:
 
 
 def _on_tick(where: str) -> None:
-    """Hook called at every point where a first Ctrl-C stops a run: ``"grasp"`` (after a chunk of
-    ZO-GraSP queries), ``"chunk"`` (after a chunk of a step's perturbations), ``"eval"`` (after an
-    evaluation batch). Tests send Ctrl-C from here."""
+    """Hook called at every point where a first Ctrl-C stops a run: ``"calibration"`` (after a
+    chunk of the cost calibration), ``"grasp"`` (after a chunk of ZO-GraSP queries), ``"chunk"``
+    (after a chunk of a step's perturbations), ``"eval"`` (after an evaluation batch). Tests send
+    Ctrl-C from here."""
 
 
 class _Interrupts:
@@ -653,11 +670,12 @@ def _gib(n) -> str:
     return "?" if n is None else f"{n / (1 << 30):.2f}G"
 
 
-def _run_eta(rc: "_Run", state: "TrainState") -> str:
-    """Time left for the whole run, from the steps done in this process (evaluation included)."""
-    done = state.epoch * rc.steps_per_epoch + state.step - rc.steps_at_start
+def _run_eta(rc: "_Run", state: "TrainState", step_fraction: float = 0.0) -> str:
+    """Time left for the whole run, from the steps done in this process (evaluation included) and
+    the fraction of the current step done."""
+    done = state.epoch * rc.steps_per_epoch + state.step + step_fraction - rc.steps_at_start
     spent = time.perf_counter() - rc.t_start - rc.elapsed_at_start
-    left = rc.total_steps - state.epoch * rc.steps_per_epoch - state.step
+    left = rc.total_steps - state.epoch * rc.steps_per_epoch - state.step - step_fraction
     return hms(spent / done * left) if done > 0 else "?"
 
 
@@ -676,7 +694,8 @@ class _StepProgress:
             ep = self.state.ep
             rate = (ep["perturbations"] + self.n) / max(ep["seconds"] + time.perf_counter() - self.t0, 1e-9)
             self.bar.note(f"step {self.state.step + 1}: {self.n}/{self.total} perturbations, {rate:,.0f} pert/s, "
-                          f"run ETA {_run_eta(self.rc, self.state)}, rss {_gib(rss_bytes())}")
+                          f"run ETA {_run_eta(self.rc, self.state, self.n / max(self.total, 1))}, "
+                          f"rss {_gib(rss_bytes())}")
         self.rc.interrupts.check("chunk")
 
 
@@ -960,7 +979,7 @@ def choose_densities(cfg: dict, model: nn.Module, ds: D.Dataset, gens: dict, dev
 def _densities(cfg, model, ds, gens, device, log, progress: bool, interrupts) -> tuple:
     """:func:`choose_densities` with its progress bar and Ctrl-C checks."""
     queries = 2 * cfg["grasp_q"] if cfg["sparsity_method"] == "zo_grasp" else 0
-    with Progress(queries, "ZO-GraSP", unit="queries", enabled=progress and queries > 0,
+    with Progress(queries, "ZO-GraSP", unit="perturbed queries", enabled=progress and queries > 0,
                   interval=cfg.get("progress_interval", 30.0)) as bar:
         return choose_densities(cfg, model, ds, gens, device, log, progress=bar,
                                 check=lambda: interrupts.check("grasp"))
@@ -980,7 +999,7 @@ _CALIBRATION_PERTURBATIONS = 256
 
 
 def project_cost(cfg: dict, model: nn.Module, ds: D.Dataset, device, densities: Optional[dict], *,
-                 steps: int, epochs: int, grasp: bool) -> dict:
+                 steps: int, epochs: int, grasp: bool, check=None) -> dict:
     """The run's cost before any work, from a calibration on one training batch: CGE estimates one
     step's active coordinates (above 4096 of them, a sample of 256 in proportion to each layer's
     active count: an upper estimate), RGE and backprop time forwards. Returns seconds per step, per epoch (evaluation included), for the
@@ -1014,7 +1033,7 @@ def project_cost(cfg: dict, model: nn.Module, ds: D.Dataset, device, densities: 
         for n in one:
             one[n].view(-1)[0] = True
         cge.estimate(x, y, one)  # traces the model, builds kernels: not part of a step
-        t_cal = _timed(lambda: cge.estimate(x, y, masks))
+        t_cal = _timed(lambda: cge.estimate(x, y, masks, on_chunk=None if check is None else lambda n, k: check()))
         out.update(calibration_perturbations=n_cal, calibration_s=t_cal, pert_per_s=n_cal / t_cal,
                    step_s=t_cal * d_active / max(n_cal, 1))
     elif est == "rge":
@@ -1054,13 +1073,13 @@ def _duration(seconds: float) -> str:
 
 
 def _check_cost(rc_log, cfg: dict, model, ds, device, densities, *, steps: int, epochs: int, grasp: bool,
-                dist_on: bool) -> None:
+                dist_on: bool, check=None) -> None:
     """Print the projected cost; refuse a run over ``--max-hours`` (usage error, exit 2)."""
     if dist_on:
         if cfg.get("max_hours"):
             raise UsageError("--max-hours is not supported under torchrun (the projection calibrates one process)")
         return
-    c = project_cost(cfg, model, ds, device, densities, steps=steps, epochs=epochs, grasp=grasp)
+    c = project_cost(cfg, model, ds, device, densities, steps=steps, epochs=epochs, grasp=grasp, check=check)
     rc_log(describe_cost(c, steps, epochs))
     h = cfg.get("max_hours")
     if h and c["run_s"] > 3600 * h:
@@ -1105,7 +1124,9 @@ def _restore(rc: _Run, ck: dict, model, opt, sched, gens) -> TrainState:
     if state.perm is not None and state.perm.numel() != rc.ds.x_train.shape[0]:
         raise CheckpointError(f"checkpoint was made with {state.perm.numel()} training samples, "
                               f"the dataset now has {rc.ds.x_train.shape[0]}")
-    rc.log(f"resumed {rc.ckpt.out_dir} at epoch {state.epoch + 1}, step {state.step}")
+    mid = (f" (continuing step {state.step + 1}: {state.partial.perturbations} of {rc.d_active} perturbations done)"
+           if state.partial is not None else "")
+    rc.log(f"resumed {rc.ckpt.out_dir} at epoch {state.epoch + 1}, step {state.step}{mid}")
     return state
 
 
@@ -1140,6 +1161,7 @@ def _write_run_files(rc: _Run, state: TrainState, n_params: int, d_active) -> No
         {"config": rc.semantic, "derived": {"parameters": n_params, "steps_per_epoch": rc.steps_per_epoch,
                                             "active_coordinates": d_active, "device": str(rc.device),
                                             "backend": backend_in_use(rc.cfg, rc.device),
+                                            "flags": {k: rc.cfg[k] for k in NUMERICS_FLAGS},
                                             "threads": torch.get_num_threads(),
                                             "dataset": {"train": ds.x_train.shape[0], "test": ds.x_test.shape[0],
                                                         "input_shape": list(ds.input_shape)}}},
@@ -1207,7 +1229,14 @@ def _gradient(rc: _Run, state: TrainState, x, y, on_chunk=None) -> tuple:
     before = est.num_perturbations
     if rc.cfg["estimator"] == "cge":
         kw = {} if rc.dist_on else {"partial": state.partial}  # ranks split the coordinates: no partial
-        est.backward(x, y, masks=state.masks, on_chunk=on_chunk, **kw)
+        try:
+            est.backward(x, y, masks=state.masks, on_chunk=on_chunk, **kw)
+        except PartialMismatch as e:  # raised before any work: the step starts again, exactly
+            rc.log(f"{e}; step {state.step + 1} starts again from its beginning")
+            state.partial = PartialRun()
+            if on_chunk is not None:
+                on_chunk.n = 0
+            est.backward(x, y, masks=state.masks, on_chunk=on_chunk, partial=state.partial)
     else:
         est.backward(x, y, generator=state.gens["est"], on_chunk=on_chunk)
     rc.step_start_rng = None  # from here on the step changes the model: no mid-step checkpoint
@@ -1295,11 +1324,10 @@ def _run_epoch(rc: _Run, state: TrainState, bar: Progress) -> None:
                                 "lr": state.opt.param_groups[0]["lr"],
                                 "perturbations_per_s": st.perturbations / max(seconds, 1e-9)},
                        state.epoch * rc.steps_per_epoch + state.step)
-        bar.update(1)
-        bar.note(f"loss {ep['loss'] / ep['n']:.3f}, acc {100 * ep['correct'] / ep['n']:.1f}%, "
-                 f"lr {state.opt.param_groups[0]['lr']:.4f}, "
-                 f"{ep['perturbations'] / max(ep['seconds'], 1e-9):,.0f} pert/s, run ETA {_run_eta(rc, state)}, "
-                 f"rss {_gib(rss_bytes())}")
+        bar.update(1, note=f"loss {ep['loss'] / ep['n']:.3f}, acc {100 * ep['correct'] / ep['n']:.1f}%, "
+                           f"lr {state.opt.param_groups[0]['lr']:.4f}, "
+                           f"{ep['perturbations'] / max(ep['seconds'], 1e-9):,.0f} pert/s, "
+                           f"run ETA {_run_eta(rc, state)}, rss {_gib(rss_bytes())}")
         _on_step_end(state.epoch, state.step)
         rc.interrupts.check("step")
 
@@ -1494,7 +1522,8 @@ def _prepare(cfg, ck, ckpt, semantic, log, progress, dist_on, interrupts) -> tup
         provisional = ({n: 1.0 - cfg["sparsity"] for n in prunable_weights(model)}
                        if cfg["sparsity_method"] != "none" else None)
         _check_cost(log, cfg, model, ds, device, provisional, steps=steps_per_epoch * cfg["epochs"],
-                    epochs=cfg["epochs"], grasp=cfg["sparsity_method"] == "zo_grasp", dist_on=dist_on)
+                    epochs=cfg["epochs"], grasp=cfg["sparsity_method"] == "zo_grasp", dist_on=dist_on,
+                    check=lambda: interrupts.check("calibration"))
         if dry:
             return None, None, None
         densities, grasp = _densities(cfg, model, ds, gens, device, log, progress, interrupts)
@@ -1516,7 +1545,7 @@ def _prepare(cfg, ck, ckpt, semantic, log, progress, dist_on, interrupts) -> tup
     left = rc.total_steps - (state.epoch * steps_per_epoch + state.step)
     if left > 0 or dry:  # what is left of the run
         _check_cost(log, cfg, model, ds, device, densities, steps=left, epochs=cfg["epochs"] - state.epoch,
-                    grasp=False, dist_on=dist_on)
+                    grasp=False, dist_on=dist_on, check=lambda: interrupts.check("calibration"))
     return (None, None, None) if dry else (rc, state, (n_params, d_active))
 
 

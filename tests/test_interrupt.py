@@ -72,7 +72,7 @@ def test_partial_estimate_refuses_another_batch_and_bad_records():
         raise _Stop
     with pytest.raises(_Stop):
         cge.estimate(x, y, on_chunk=stop, partial=partial)
-    with pytest.raises(ValueError, match="another batch or model"):
+    with pytest.raises(ValueError, match="cannot be continued exactly.*unperturbed losses differ"):
         cge.estimate(x + 1, y, partial=PartialRun.from_state_dict(partial.state_dict()))
     sd = partial.state_dict()
     for bad in ({}, {**sd, "done": {"fc.weight": -1}}, {**sd, "rows": {"fc.weight": torch.zeros(3)}},
@@ -296,3 +296,63 @@ def test_tensorboard_real_event_files(tmp_path):
     assert train.main(CGE_RUN + ["--out", str(out)]) == 0
     files = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert files and files[0].stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- records that do not fit
+def _interrupted_mid_step(monkeypatch, out, argv, n=5):
+    _ctrl_c_at(monkeypatch, "chunk", n)
+    assert train.main(argv + ["--out", out]) == 130
+    monkeypatch.setattr(train, "_on_tick", lambda kind: None)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ck["partial"] is not None
+    return ck
+
+
+def test_resume_reuses_the_runs_backend_and_budget(tmp_path, monkeypatch):
+    """--backend/--memory-budget are not part of the run's identity, but they decide rounding: a
+    --resume that does not give them takes the run's own (bitwise), one that gives others restarts
+    the interrupted step instead of mixing chunks of two setups."""
+    argv = CGE_RUN + ["--backend", "torch", "--memory-budget", "200000"]
+    full, part, other = (str(tmp_path / d) for d in ("full", "part", "other"))
+    assert train.main(argv + ["--out", full]) == 0
+    _interrupted_mid_step(monkeypatch, part, argv)
+    assert train.main(["--resume", part, "--no-progress"]) == 0  # backend torch, budget 200000 from the run
+    _same_run(full, part)
+    _interrupted_mid_step(monkeypatch, other, argv)
+    logs = []
+    cfg, _ = train.parse_args(["--resume", other, "--no-progress", "--memory-budget", "100000"])
+    assert train.run(cfg, log=logs.append)["interrupted"] is False
+    assert any("cannot be continued exactly" in m and "starts again from its beginning" in m for m in logs), logs
+
+
+@pytest.mark.parametrize("edit", ["extra_name", "too_many_done", "two_partly_done"])
+def test_a_record_that_does_not_fit_restarts_the_step(tmp_path, monkeypatch, edit):
+    out = str(tmp_path / "part")
+    ck = _interrupted_mid_step(monkeypatch, out, CGE_RUN, n=4)
+    p = ck["partial"]
+    name = next(iter(p["done"]))
+    if edit == "extra_name":
+        p["done"]["nope.weight"], p["chunk"]["nope.weight"] = 1, 1
+        p["rows"]["nope.weight"] = p["rows"][name][:1].clone()
+    elif edit == "too_many_done":
+        p["done"][name] = 10 ** 6
+        p["rows"][name] = torch.zeros(10 ** 6, p["rows"][name].shape[1], dtype=torch.float64)
+    else:
+        for other in ("features.0.weight", "features.4.weight"):
+            p["done"][other], p["chunk"][other] = 1, 1
+            p["rows"][other] = p["rows"][name][:1].clone()
+    torch.save(ck, os.path.join(out, "checkpoint.pt"))
+    logs = []
+    cfg, _ = train.parse_args(["--resume", out, "--no-progress"])
+    train.run(cfg, log=logs.append)
+    assert any("cannot be continued exactly" in m for m in logs), logs
+
+
+def test_partial_record_fields_are_strict():
+    good = {"base_loss": torch.zeros(2, dtype=torch.float64), "setup": None,
+            "rows": {"w": torch.zeros(1, 2, dtype=torch.float64)}, "done": {"w": 1}, "chunk": {"w": 3}}
+    assert PartialRun.from_state_dict(good).perturbations == 1
+    for bad in ({**good, "done": {"w": True}}, {**good, "chunk": {}}, {**good, "setup": "torch"},
+                {**good, "base_loss": torch.zeros(2)}):
+        with pytest.raises(ValueError, match="partial estimate"):
+            PartialRun.from_state_dict(bad)
