@@ -25,7 +25,21 @@ __all__ = ["SimpleCNN", "MLP", "BoopathyCNN8", "boopathy_cnn8", "BasicBlock", "C
            "convnext", "ViTBlock", "ViT", "vit", "ARCHITECTURES", "build_model", "user_model"]
 
 
-class SimpleCNN(nn.Module):
+class ConvGapLinear(nn.Module):
+    """A stack of conv layers (``features``), global average pooling and a linear classifier:
+    the layout of the App. B CNN and of Boopathy & Fiete's 8-layer CNN."""
+
+    def _head(self, layers: list, width: int, num_classes: int) -> None:
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flatten(self.pool(self.features(x))))
+
+
+class SimpleCNN(ConvGapLinear):
     """The paper's App. B CNN: ``depth`` blocks of conv3x3-BN-ReLU-MaxPool(2), global average
     pooling and a linear classifier. Input ``(B, in_channels, H, W)``, output ``(B, num_classes)``.
     """
@@ -40,13 +54,7 @@ class SimpleCNN(nn.Module):
             layers += [nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                        nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)]
             c = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.features(x))))
+        self._head(layers, width, num_classes)
 
 
 class MLP(nn.Module):
@@ -66,7 +74,7 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class BoopathyCNN8(nn.Module):
+class BoopathyCNN8(ConvGapLinear):
     """The 8-layer CNN of Boopathy & Fiete (ICML 2022, "How to train your wide neural network without
     backprop"), on which the DeepZero paper's Tab. 1 compares DeepZero with FA, DFA and Align-ada:
     seven conv3x3 layers of ``width`` channels ('same' padding, strides 1, 1, 1, 2, 1, 2, 1), each
@@ -92,13 +100,7 @@ class BoopathyCNN8(nn.Module):
             layers += [nn.Conv2d(c, width, 3, stride=s, padding=1, bias=conv_bias),
                        nn.BatchNorm2d(width, affine=False), nn.ReLU()]
             c = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.flatten(self.pool(self.features(x))))
+        self._head(layers, width, num_classes)
 
 
 def boopathy_cnn8(width: int = 64, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,

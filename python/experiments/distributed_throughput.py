@@ -2,7 +2,7 @@
 Fig. A6 (training iterations per hour against the number of workers).
 
     python python/experiments/distributed_throughput.py --quick    # about 40 s here
-    python python/experiments/distributed_throughput.py            # launches 1 and 2 ranks
+    python python/experiments/distributed_throughput.py            # 1 and 2 ranks, about 10 min here
     torchrun --nproc_per_node=2 python/experiments/distributed_throughput.py --worker [--cost C]
 
 The launcher runs one process per measurement, each spawning its ranks on gloo (localhost);
