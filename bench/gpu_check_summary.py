@@ -40,8 +40,9 @@ def _roofline(bench: dict, copy_bps) -> list:
     for b in (bench or {}).get("benchmarks", []):
         nbytes = (b.get("extra_info") or {}).get("bytes")
         if nbytes:
-            t = b["stats"]["median"]
-            rows.append({"name": b["name"], "bytes": nbytes, "median_s": t, "bytes_per_s": nbytes / t,
+            t, flops = b["stats"]["median"], (b.get("extra_info") or {}).get("flops")
+            rows.append({"name": b["name"], "bytes": nbytes, "flops": flops, "median_s": t, "bytes_per_s": nbytes / t,
+                         "flops_per_s": flops / t if flops else None,
                          "fraction_of_copy": nbytes / t / copy_bps if copy_bps else None})
     return rows
 
@@ -72,8 +73,10 @@ def markdown(s: dict) -> str:
                                   else json.dumps(bad or "not run"))]
     if s["roofline"]:
         lines += ["", "## fused kernels against the memory roofline (minimum bytes / median time)", "",
-                  "| kernel | bytes | median s | GB/s | fraction of copy bandwidth |", "|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['bytes']:,} | {r['median_s']:.4g} | {r['bytes_per_s'] / 1e9:.3g} | "
+                  "| kernel | bytes | flops | median s | GB/s | GFLOP/s | fraction of copy bandwidth |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['bytes']:,} | {r['flops'] or 0:,} | {r['median_s']:.4g} | "
+                  f"{r['bytes_per_s'] / 1e9:.3g} | {(r['flops_per_s'] or 0) / 1e9:.3g} | "
                   + (f"{r['fraction_of_copy']:.3f} |" if r["fraction_of_copy"] else "|") for r in s["roofline"]]
     for g, tests in s["bench"].items():
         lines += ["", f"## {g}", "", "| benchmark | median s | reference / this |", "|---|---|---|"]

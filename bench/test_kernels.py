@@ -14,8 +14,9 @@ Cases (``kernels-<chain>``), at the suite's standard sizes (batch 64):
 * ``fc_ce``: every weight of ResNet-20's classifier to the closed-form cross-entropy change.
 
 Results are checked against the reference backend outside the timed region. ``bytes`` is the
-minimum traffic of a launch (each input read once, the output written once); on a GPU,
-bytes / time against the memory bandwidth is the roofline fraction.
+minimum traffic of a launch (each input read once, the output written once) and ``flops`` its
+unavoidable arithmetic (:func:`min_flops`); on a GPU, bytes / time against the memory bandwidth is
+the roofline fraction (``bench/gpu_check.sh`` reports it), flops / time the compute side.
 """
 from __future__ import annotations
 
@@ -127,6 +128,26 @@ def build(case, mode):
     return out
 
 
+def min_flops(name: str, args: dict) -> int:
+    """The arithmetic a launch cannot avoid (multiplies and adds; a transcendental counts 1), for
+    the roofline next to ``bytes``: per element of the chain's pre-pool plane, the batch-norm
+    moments (6), the delta's normalisation (4) and the ReLU/pool (2); a next conv adds 2*kh*kw per
+    output element; the cross-entropy change ~10 per (perturbation, sample)."""
+    if name == "conv_delta_chain":
+        b, k = args["x"].shape[0], args["src_channel"].numel()
+        h, w = args["out_size"]
+        return 13 * b * k * h * w  # the gather's multiply by mu, then 12 per element
+    if name == "conv1ch_chain":
+        (b, k, _, _), (c_out, _, kh, kw) = args["delta"].shape, args["weight"].shape
+        ho, wo = args["base_out"].shape[2:]
+        return b * k * c_out * ho * wo * (2 * kh * kw + 12)
+    if name == "bn_act_dense":
+        return 12 * args["values"].numel()
+    if name == "linear_weight_ce":
+        return 10 * args["idx"].numel() * args["x"].shape[0]
+    raise KeyError(name)
+
+
 def chain1_output(args):
     """The chain-1 output (the delta the next conv consumes), by the reference backend."""
     from deepzero_kernels import kernels
@@ -167,7 +188,8 @@ def test_kernel(benchmark, case, backend, mode):
     t = W.median_time(benchmark)
     want = getattr(kernels.get("reference"), name)(**args)
     torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
-    benchmark.extra_info.update(kernel=name, bytes=nbytes)
+    flops = min_flops(name, args)
+    benchmark.extra_info.update(kernel=name, bytes=nbytes, flops=flops)
     k = {"linear_weight_ce": lambda: args["idx"].numel(), "bn_act_dense": lambda: args["values"].shape[1]}.get(
         name, lambda: args["src_channel" if name == "conv_delta_chain" else "channel"].numel())()
-    W.REGISTRY.record_kernel(case, backend, kernel=name, time_s=t, bytes=nbytes, k=int(k))
+    W.REGISTRY.record_kernel(case, backend, kernel=name, time_s=t, bytes=nbytes, flops=flops, k=int(k))
