@@ -44,6 +44,7 @@ class Progress:
         if self.bar is not None:
             if note is not None:
                 self.bar.set_postfix_str(note, refresh=False)
+                self.last = time.perf_counter()
             self.bar.update(n)
         self._maybe_line()
 

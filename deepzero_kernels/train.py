@@ -40,6 +40,9 @@ MODELS = ("cnn", "cnn8", *ARCHITECTURES, "mlp")
 # Flags that only change speed or display: they may differ when a run is resumed.
 RESUME_FREE = {"resume", "out", "progress", "progress_interval", "threads", "device", "backend", "memory_budget",
                "eval_batch_size", "dist_timeout", "check_every", "dry_run", "max_hours"}
+# Resume-free flags that still decide float rounding (the backend's kernels, the chunk sizes): a
+# resumed run takes the saved values unless the command line gives others.
+NUMERICS_FLAGS = ("backend", "memory_budget")
 # Flags added after the checkpoint format was fixed: what runs that predate them used.
 ADDED_FLAGS = {"delta_precision": "fp32"}
 # torchrun settings: flag, else environment variable, else default (see dist_setting)
@@ -325,7 +328,7 @@ def parse_args(argv=None):
         if a.out is not None and os.path.abspath(a.out) != os.path.abspath(a.resume):
             p.error(f"--out {a.out} differs from --resume {a.resume}: a resumed run writes to its own directory")
         try:
-            saved = load_config(a.resume)
+            saved, numerics = load_config(a.resume)
         except (FileNotFoundError, ValueError) as e:
             p.error(str(e))
         problem = config_type_problem(p, saved)
@@ -341,7 +344,7 @@ def parse_args(argv=None):
                         f"({saved[k]}); a resumed run keeps its configuration")
         merged = {**ADDED_FLAGS, **saved}
         merged.update({k: v for k, v in vars(a).items() if k in RESUME_FREE})
-        merged.update(_saved_numerics(a.resume))  # the run's own backend and budget, unless given now
+        merged.update(numerics)  # the run's own backend and budget, unless given now
         merged.update({k: v for k, v in explicit.items() if k in RESUME_FREE})
         if isinstance(saved.get("epochs"), int) and explicit.get("epochs", 0) > saved["epochs"]:
             merged["epochs"] = explicit["epochs"]  # extends the run
@@ -372,7 +375,9 @@ def dist_setting(cfg: dict, key: str):
     return v
 
 
-def load_config(run_dir: str) -> dict:
+def load_config(run_dir: str) -> tuple:
+    """``(config, numerics)`` of a saved run: its training config and the NUMERICS_FLAGS it was
+    started with (``derived.flags``; {} for runs that predate them)."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"--resume {run_dir}: no such directory")
@@ -380,29 +385,16 @@ def load_config(run_dir: str) -> dict:
         raise FileNotFoundError(f"--resume {run_dir}: no {CHECKPOINT} there (nothing to resume)")
     try:
         with open(path) as f:
-            cfg = json.load(f)["config"]
+            doc = json.load(f)
+        cfg = doc["config"]
     except FileNotFoundError:
         raise FileNotFoundError(f"--resume {run_dir}: config.json is missing")
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"--resume {run_dir}: config.json is corrupt ({e})")
     if not isinstance(cfg, dict):
         raise ValueError(f"--resume {run_dir}: config.json is corrupt (config is not an object)")
-    return cfg
-
-
-# Resume-free flags that still decide float rounding (the backend's kernels, the chunk sizes): a
-# resumed run takes the saved values unless the command line gives others.
-NUMERICS_FLAGS = ("backend", "memory_budget")
-
-
-def _saved_numerics(run_dir: str) -> dict:
-    """The NUMERICS_FLAGS a run was started with (config.json's derived.flags; {} for older runs)."""
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            got = json.load(f).get("derived", {}).get("flags", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {k: got[k] for k in NUMERICS_FLAGS if isinstance(got, dict) and k in got}
+    flags = doc.get("derived", {}).get("flags", {}) if isinstance(doc.get("derived"), dict) else {}
+    return cfg, {k: flags[k] for k in NUMERICS_FLAGS if isinstance(flags, dict) and k in flags}
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -1324,10 +1316,10 @@ def _run_epoch(rc: _Run, state: TrainState, bar: Progress) -> None:
                                 "lr": state.opt.param_groups[0]["lr"],
                                 "perturbations_per_s": st.perturbations / max(seconds, 1e-9)},
                        state.epoch * rc.steps_per_epoch + state.step)
-        bar.update(1, note=f"loss {ep['loss'] / ep['n']:.3f}, acc {100 * ep['correct'] / ep['n']:.1f}%, "
-                           f"lr {state.opt.param_groups[0]['lr']:.4f}, "
-                           f"{ep['perturbations'] / max(ep['seconds'], 1e-9):,.0f} pert/s, "
-                           f"run ETA {_run_eta(rc, state)}, rss {_gib(rss_bytes())}")
+        note = (f"loss {ep['loss'] / ep['n']:.3f}, acc {100 * ep['correct'] / ep['n']:.1f}%, "
+                f"lr {state.opt.param_groups[0]['lr']:.4f}, {ep['perturbations'] / max(ep['seconds'], 1e-9):,.0f} "
+                f"pert/s, run ETA {_run_eta(rc, state)}, rss {_gib(rss_bytes())}") if bar.due() else None
+        bar.update(1, note=note)
         _on_step_end(state.epoch, state.step)
         rc.interrupts.check("step")
 

@@ -15,6 +15,20 @@ if not torch.cuda.is_available():
 torch.set_num_threads(1)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relpath: str):
+    """A script of the repository (``python/experiments/x.py``, ``bench/plot.py``) as a module,
+    without running its ``__main__`` block."""
+    import importlib.util
+    path = os.path.join(ROOT, relpath)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def ce(outputs, targets):
     return F.cross_entropy(outputs, targets, reduction="none")
 

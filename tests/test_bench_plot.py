@@ -1,9 +1,10 @@
 """bench/plot.py draws every committed benchmark summary and refuses malformed ones with a message."""
-import importlib.util
 import json
 import pathlib
 
 import pytest
+
+from conftest import load_script
 
 pytest.importorskip("matplotlib")
 
@@ -16,10 +17,7 @@ SUMMARIES = sorted({"cpu-amd-epyc-summary.json", "cpu-amd-epyc-archs-summary.jso
 
 @pytest.fixture(scope="module")
 def plot():
-    spec = importlib.util.spec_from_file_location("bench_plot", BENCH / "plot.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench/plot.py")
 
 
 def _is_png(path: pathlib.Path) -> bool:

@@ -1,16 +1,14 @@
 """The black-box tail contract (issue 7): ``loss_fn`` may be a NumPy function or a frozen network,
 is only queried (detached outputs, no grad), its queries are counted, and bad answers are
 refused clearly. Plus a small in-process run of the certified-defense experiment."""
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ce, naive_cge, rel_err
+from conftest import ce, load_script, naive_cge, rel_err
 from deepzero_kernels import CGE, RGE
 from deepzero_kernels.models import SimpleCNN
 
@@ -142,11 +140,7 @@ def test_tail_list_result_is_converted():
 
 # ----------------------------------------------------------------------------- the experiment
 def _experiment():
-    path = Path(__file__).resolve().parents[1] / "python" / "experiments" / "blackbox_defense.py"
-    spec = importlib.util.spec_from_file_location("blackbox_defense", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("python/experiments/blackbox_defense.py")
 
 
 @pytest.mark.experiment

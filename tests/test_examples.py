@@ -1,15 +1,12 @@
 """The example of using the fused ops from one's own ZO loop keeps working."""
-import importlib.util
-from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 pytestmark = pytest.mark.experiment
 
 
 def test_custom_zo_loop_learns():
-    path = Path(__file__).resolve().parents[1] / "python" / "examples" / "custom_zo_loop.py"
-    spec = importlib.util.spec_from_file_location("custom_zo_loop", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("python/examples/custom_zo_loop.py")
     assert mod.main(steps=15) < 0.3

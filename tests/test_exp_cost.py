@@ -1,6 +1,5 @@
 """python/experiments/fig_a2_cge_rge_cost.py (Fig. A2 / Tab. A1): its timed loops compute what
 they name, restore the model, and account for their time by stage."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,20 +10,15 @@ import torch
 from deepzero_kernels import CGE
 from deepzero_kernels.models import build_model
 
+from conftest import load_script
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SCRIPT = os.path.join(ROOT, "python", "experiments", "fig_a2_cge_rge_cost.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fig_a2_cge_rge_cost", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def exp():
-    return _load()
+    return load_script("python/experiments/fig_a2_cge_rge_cost.py")
 
 
 def _small():

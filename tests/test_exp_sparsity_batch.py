@@ -9,7 +9,6 @@ The script's training loop is the trainer's step for step, so at sparsity 0 all 
 bitwise the same run and the loop with the trainer's own masks reproduces the trainer's run."""
 import copy
 import csv
-import importlib.util
 import json
 import math
 import subprocess
@@ -23,16 +22,15 @@ from deepzero_kernels import data as D
 from deepzero_kernels import train
 from deepzero_kernels.pruning import layer_densities, prunable_weights, prune_masks, zo_grasp_scores
 
+from conftest import load_script
+
 pytestmark = pytest.mark.experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "python" / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"python/experiments/{name}.py")
 
 
 A3 = _load("fig_a3_sparsity")

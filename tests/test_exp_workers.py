@@ -1,7 +1,6 @@
 """python/experiments/distributed_throughput.py as the paper's Fig. A6: its tables from results
 (fast) and its --quick run on 1 and 2 gloo ranks (paper_experiment marker)."""
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,19 +8,14 @@ import sys
 
 import pytest
 
+from conftest import load_script
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 SCRIPT = os.path.join(ROOT, "python", "experiments", "distributed_throughput.py")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("distributed_throughput", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_tables_from_results(tmp_path):
-    mod = _load()
+    mod = load_script("python/experiments/distributed_throughput.py")
     a = argparse.Namespace(model="m", size=8, batch=4, density=0.1, steps=1, warmup=0, ranks="1,2",
                            costs="flops", out=str(tmp_path), quick=False, worker=False, cost="measured")
     runs = [{"ranks": 1, "costs": None, "active": 10, "s_per_step": 2.0, "pert_per_s": 5.0, "imbalance_mean": 1.0},

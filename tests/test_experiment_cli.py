@@ -2,13 +2,14 @@
 description, a ``--quick`` mode, a help string for every flag (no empty one, no doubled
 default), and no internal flag. The scripts parse their flags before importing
 torch, so each ``--help`` is a fraction of a second."""
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "python" / "experiments").glob("*.py")) + sorted((ROOT / "python" / "examples").glob("*.py"))
@@ -76,10 +77,7 @@ def test_help(path, helps):
 def test_hidden_worker_flags_still_parse():
     """distributed_throughput.py hides --worker and --cost from --help, and its launcher still
     passes them to every rank (the module imports torch only inside a rank)."""
-    path = ROOT / "python" / "experiments" / "distributed_throughput.py"
-    spec = importlib.util.spec_from_file_location("distributed_throughput", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("python/experiments/distributed_throughput.py")
     a = mod.build_parser().parse_args(["--worker", "--cost=flops", "--size=8"])
     assert a.worker and a.cost == "flops" and a.size == 8
     assert not mod.build_parser().parse_args([]).worker

@@ -1,8 +1,6 @@
 """Solver-in-the-loop experiment (python/experiments/zo_sol.py): the NumPy flow solver is a real
 incompressible solver, its torch twin is the same function, and the ZO-SOL tail gives CGE the
 gradient of loss (A3) through the black-box solver."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +8,11 @@ import torch
 
 import deepzero_kernels as dz
 
+from conftest import load_script
+
 pytestmark = pytest.mark.experiment
 
-_path = Path(__file__).resolve().parents[1] / "python" / "experiments" / "zo_sol.py"
-_spec = importlib.util.spec_from_file_location("zo_sol", _path)
-zs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(zs)
+zs = load_script("python/experiments/zo_sol.py")
 
 
 @pytest.fixture(scope="module")

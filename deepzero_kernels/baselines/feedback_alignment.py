@@ -38,6 +38,7 @@ BoopathyCNN8`, the App. B CNN); this is checked on the first batch.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import math
 from typing import Callable, Dict, List, Optional, Tuple
@@ -127,7 +128,7 @@ class _FAConv2d(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None
 
 
-class _Rule:
+class _Rule(abc.ABC):
     """What FA, DFA and Align-ada share: the chain, the chain check, the loss and ``backward``."""
 
     name = "rule"
@@ -165,8 +166,9 @@ class _Rule:
                              "model such as an nn.Sequential MLP or deepzero_kernels.models.boopathy_cnn8")
         self._checked = True
 
+    @abc.abstractmethod
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The model's output on ``x`` through this rule's autograd graph (each rule's own)."""
 
     def backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Assign ``.grad`` of every trainable parameter by this rule on batch ``(x, y)`` (one forward,

@@ -66,10 +66,6 @@ from deepzero_kernels.models import build_model  # noqa: E402
 import baselines as B  # noqa: E402  (bench/baselines.py: the paper's reference strategy)
 
 
-def _ce(out, y):
-    return torch.nn.functional.cross_entropy(out, y, reduction="none")
-
-
 class _Clock:
     """Seconds spent per stage."""
 
@@ -89,7 +85,7 @@ def rge_loop(model, x, y, mu, generator):
     theta = torch.nn.utils.parameters_to_vector(params).clone()
     d = theta.numel()
     clock, grad = _Clock(), torch.zeros_like(theta)
-    base = _ce(model(x), y).mean()
+    base = B.per_sample_ce(model(x), y).mean()
     for _ in range(d):
         t = time.perf_counter()
         u = torch.randn(d, generator=generator, dtype=theta.dtype)
@@ -97,7 +93,7 @@ def rge_loop(model, x, y, mu, generator):
         t = clock.add("dv", t)
         torch.nn.utils.vector_to_parameters(theta + mu * u, params)
         t = clock.add("wp", t)
-        diff = _ce(model(x), y).mean() - base
+        diff = B.per_sample_ce(model(x), y).mean() - base
         t = clock.add("mi", t)
         grad.add_(u, alpha=float(diff) / mu)
         clock.add("ao", t)
@@ -109,7 +105,7 @@ def rge_loop(model, x, y, mu, generator):
 def cge_loop(model, x, y, mu):
     """CGE, every coordinate by a full forward, with the paper's four stages timed."""
     clock = _Clock()
-    base = _ce(model(x), y).mean()
+    base = B.per_sample_ce(model(x), y).mean()
     grads = {}
     for name, p in model.named_parameters():
         flat, g = p.view(-1), torch.zeros(p.numel(), dtype=p.dtype)
@@ -118,7 +114,7 @@ def cge_loop(model, x, y, mu):
             old = float(flat[i])
             flat[i] = old + mu
             t = clock.add("wp", t)
-            loss = _ce(model(x), y).mean()
+            loss = B.per_sample_ce(model(x), y).mean()
             t = clock.add("mi", t)
             flat[i] = old
             t = clock.add("wp", t)
