@@ -1,7 +1,15 @@
-// CUDA kernels of the fused perturbation ops: one launch per kernel call, one block per (perturbation,
-// channel) work item for the chains (shared-memory reductions of the statistics, in double), one
-// thread per (perturbation, sample) for the cross-entropy kernels. The per-element math is dz_math.h,
-// shared with the CPU launcher; semantics: deepzero_kernels/kernels/reference.py.
+// CUDA kernels of the fused perturbation ops. The per-element math is dz_math.h, shared with the CPU
+// launcher; semantics: deepzero_kernels/kernels/reference.py.
+//
+// Chains (channel_chain, conv_delta_chain, conv1ch_delta_chain, conv1ch_chain, bn_act_dense): the
+// grid is 2-D, (item, slice), where an item is one (perturbation[, channel]) and a slice a contiguous
+// run of at most chain_slice_elems of its elements, so that a call with one perturbation still fills
+// the GPU. BatchNorm with batch statistics needs the item's statistics before any output, so it takes
+// three launches: `*_stats_kernel` (single pass: each block sums its slice in double), `*_coef_kernel`
+// (a thread per item merges its slices' partial sums in a fixed order: results depend neither on K nor
+// on the launch order) and `*_out_kernel`; without it only the last runs. In-plane indices are 32-bit
+// (the launchers check the sizes), convolution taps are template parameters for 1x1 and 3x3.
+// Cross-entropy: one thread per (perturbation, sample).
 //
 // Part 1 (device code) uses raw pointers only. Part 2 (the ATen launchers, compiled when DZ_WITH_CUDA
 // is defined, as in the extension build) needs torch's c10/cuda headers. Arguments are checked in
@@ -10,10 +18,9 @@
 //
 // Part 1 also compiles as plain C++ under DZ_CUDA_EMULATE (csrc/tests/cuda_emulate.h: one thread per
 // block, blocks run in a loop), which is how the C++ tests check its indexing without a GPU; hence
-// warp geometry from blockDim and the DZ_DYNAMIC_SMEM macro.
+// warp geometry from blockDim.
 #ifndef DZ_CUDA_EMULATE
 #include <cuda_runtime.h>
-#define DZ_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
 #endif
 
 #include <cmath>
@@ -69,113 +76,231 @@ __device__ __forceinline__ T nan_max(T m, T v) {  // max that propagates NaN, as
   return (v > m || v != v) ? v : m;
 }
 
-// ------------------------------------------------------------------------ one-channel chain
+// An item's n elements cut into S slices of len (the last may be shorter); block (item, y) takes
+// slice y. Depends on n only, so an item's result does not depend on the other items of the call.
+struct Slices {
+  int n, S, len;
+  __device__ int lo() const { return int(blockIdx.y) * len; }
+  __device__ int hi() const { return lo() + len < n ? lo() + len : n; }
+};
+
+// ------------------------------------------------------------------------ sources
+// A source gives an item's values: `valid(item)`, and `at(item)` (one-channel chains) or `at(k, c)`
+// (dense chains), a functor of (sample b, in-plane index r) with the item's pointers bound once.
+
+// 32-bit geometry of a single-input-channel convolution (the launchers check the sizes).
+struct ConvGeom {
+  int H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo;
+};
+
+// Output element r of the convolution of one (H, W) plane with one filter, zero padding. TAPS > 0
+// fixes a TAPS x TAPS filter at compile time (the loops unroll); 0 reads the size from g.
+template <int TAPS, typename T>
+__device__ __forceinline__ T conv_at(const T* in, const T* wt, const ConvGeom& g, int r) {
+  const int i = r / g.Wo, j = r - i * g.Wo, kh = TAPS ? TAPS : g.kh, kw = TAPS ? TAPS : g.kw;
+  T s = T(0);
+#pragma unroll
+  for (int u = 0; u < kh; ++u) {
+    const int y = i * g.sh + u * g.dh - g.ph;
+    if (y < 0 || y >= g.H) continue;
+#pragma unroll
+    for (int v = 0; v < kw; ++v) {
+      const int x = j * g.sw + v * g.dw - g.pw;
+      if (x >= 0 && x < g.W) s += wt[u * kw + v] * in[y * g.W + x];
+    }
+  }
+  return s;
+}
+
+// Values given as (B, K, HW) [one-channel] or (B, K, C, HW) [dense].
+template <typename T>
+struct PlaneAt {
+  const T* p;
+  int64_t bstride;
+  __device__ T operator()(int b, int r) const { return p[b * bstride + r]; }
+};
+
 template <typename T>
 struct ValuesSrcD {
   const T* v;
   int64_t K, HW;
   __device__ bool valid(int64_t) const { return true; }
-  __device__ T operator()(int64_t b, int64_t k, int64_t r) const { return v[(b * K + k) * HW + r]; }
+  __device__ PlaneAt<T> at(int64_t k) const { return {v + k * HW, K * HW}; }
+};
+
+// The input delta of a weight perturbation gathered from the layer input: x[b, c, i*sh + oh, j*sw + ow] * mu.
+template <typename T>
+struct GatherAt {
+  const T* x;
+  int64_t bstride;
+  int Hx, Wx, Wo, sh, sw, oh, ow;
+  T mu;
+  __device__ T operator()(int b, int r) const {
+    const int i0 = r / Wo, i = i0 * sh + oh, j = (r - i0 * Wo) * sw + ow;
+    if (i < 0 || i >= Hx || j < 0 || j >= Wx) return T(0);
+    return x[b * bstride + i * Wx + j] * mu;
+  }
 };
 
 template <typename T>
 struct GatherSrcD {
   const T* x;
-  int64_t Cin, Hx, Wx, Wo, sh, sw;
+  int64_t Cin;
+  int Hx, Wx, Wo, sh, sw;
   const int64_t *c, *oh, *ow;
   T mu;
   __device__ bool valid(int64_t k) const { return c[k] >= 0 && c[k] < Cin; }
-  __device__ T operator()(int64_t b, int64_t k, int64_t r) const {
-    const int64_t i = (r / Wo) * sh + oh[k], j = (r % Wo) * sw + ow[k];
-    if (i < 0 || i >= Hx || j < 0 || j >= Wx) return T(0);
-    return x[((b * Cin + c[k]) * Hx + i) * Wx + j] * mu;
+  __device__ GatherAt<T> at(int64_t k) const {
+    return {x + c[k] * Hx * Wx, Cin * Hx * Wx, Hx, Wx, Wo, sh, sw, int(oh[k]), int(ow[k]), mu};
   }
 };
 
-// The next conv of a one-channel delta, element r of plane (b, item), item = k * Cout + co.
-template <typename T>
+// The next conv of a one-channel delta: item = k * Cout + co is output channel co of perturbation k.
+template <int TAPS, typename T>
+struct Conv1chAt {
+  const T *in, *wt;
+  int64_t bstride;
+  ConvGeom g;
+  __device__ T operator()(int b, int r) const { return conv_at<TAPS>(in + b * bstride, wt, g, r); }
+};
+
+template <int TAPS, typename T>
 struct Conv1chSrcD {
   const T *delta, *weight;
   const int64_t* ch;
-  int64_t K, Cout, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo;
+  int64_t K, Cout, Cin;
+  ConvGeom g;
   __device__ bool valid(int64_t item) const { return ch[item / Cout] >= 0 && ch[item / Cout] < Cin; }
-  __device__ T operator()(int64_t b, int64_t item, int64_t r) const {
-    const int64_t k = item / Cout, co = item % Cout, i = r / Wo, j = r % Wo;
-    const T* in = delta + (b * K + k) * H * W;
-    const T* wt = weight + (co * Cin + ch[k]) * kh * kw;
-    T s = T(0);
-    for (int64_t u = 0; u < kh; ++u) {
-      const int64_t y = i * sh + u * dh - ph;
-      if (y < 0 || y >= H) continue;
-      for (int64_t v = 0; v < kw; ++v) {
-        const int64_t x = j * sw + v * dw - pw;
-        if (x >= 0 && x < W) s += wt[u * kw + v] * in[y * W + x];
-      }
-    }
-    return s;
+  __device__ Conv1chAt<TAPS, T> at(int64_t item) const {
+    const int64_t k = item / Cout, co = item - k * Cout, HW = int64_t(g.H) * g.W;
+    return {delta + k * HW, weight + (co * Cin + ch[k]) * g.kh * g.kw, K * HW, g};
   }
 };
 
+// base_out[b, co] + the single-input-channel conv of delta[b, k] with weight[co, ch[k]] (conv1ch_chain).
+template <int TAPS, typename T>
+struct ConvPlusBaseAt {
+  const T *in, *wt, *base;
+  int64_t bstride, base_bstride;
+  ConvGeom g;
+  __device__ T operator()(int b, int r) const {
+    return base[b * base_bstride + r] + conv_at<TAPS>(in + b * bstride, wt, g, r);  // base + dz, as the reference
+  }
+};
+
+template <int TAPS, typename T>
+struct ConvSrcD {
+  const T *delta, *weight, *base;
+  const int64_t* ch;
+  int64_t K, Cin, Cout, Ho;
+  ConvGeom g;
+  __device__ bool valid(int64_t k) const { return ch[k] >= 0 && ch[k] < Cin; }
+  __device__ ConvPlusBaseAt<TAPS, T> at(int64_t k, int64_t co) const {
+    const int64_t HW = int64_t(g.H) * g.W, HWo = Ho * g.Wo;
+    return {delta + k * HW, weight + (co * Cin + ch[k]) * g.kh * g.kw, base + co * HWo, K * HW, Cout * HWo, g};
+  }
+};
+
+// ------------------------------------------------------------------------ one-channel chain
 template <typename T, typename Src>
-__global__ void __launch_bounds__(kThreads) onech_kernel(OneChArgs<T> a, Src src) {
-  __shared__ double sh[3 * 32];
-  const int64_t k = blockIdx.x, HW = a.H * a.W, n = a.B * HW, HWp = a.Hp * a.Wp;
+__device__ __forceinline__ bool onech_valid(const OneChArgs<T>& a, const Src& src, int64_t k) {
   const int64_t c = a.ch[k];
+  return !((a.C && (c < 0 || c >= a.C)) || !src.valid(k));
+}
+
+// Slice y of item k: the delta's moments sum d, sum d^2, sum x_hat d -> part[(k * S + y) * 3 + q].
+template <typename T, typename Src>
+__global__ void __launch_bounds__(kThreads) onech_stats_kernel(OneChArgs<T> a, Src src, Slices sl, double* part) {
+  __shared__ double sh[3 * 32];
+  const int64_t k = blockIdx.x;
+  if (!onech_valid(a, src, k)) return;  // the coef and out kernels write NaN
+  const auto f = src.at(k);
+  const int HW = int(a.H * a.W);
+  const T* xh = a.xhat + a.ch[k] * HW;
+  const int64_t xs = a.C * HW;
+  double s[3] = {0.0, 0.0, 0.0};
+  for (int e = sl.lo() + int(threadIdx.x); e < sl.hi(); e += int(blockDim.x)) {
+    const int b = e / HW, r = e - b * HW;
+    const double d = double(f(b, r));
+    s[0] += d;
+    s[1] += d * d;
+    s[2] += double(xh[b * xs + r]) * d;
+  }
+  block_sum<3>(s, sh);
+  if (threadIdx.x == 0)
+    for (int q = 0; q < 3; ++q) part[(k * sl.S + blockIdx.y) * 3 + q] = s[q];
+}
+
+// One thread per item: the slices' sums in order -> the BatchNorm change coefficients (bn_delta_coef).
+template <typename T, typename Src>
+__global__ void onech_coef_kernel(OneChArgs<T> a, Src src, int S, int n, const double* part, double* coef) {
+  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= a.K || !onech_valid(a, src, k)) return;
+  double s[3] = {0.0, 0.0, 0.0};
+  for (int y = 0; y < S; ++y)
+    for (int q = 0; q < 3; ++q) s[q] += part[(k * S + y) * 3 + q];
+  const int64_t c = a.ch[k];
+  const BnCoef cf = bn_delta_coef(s[0], s[1], s[2], double(n), double(a.inv_std[c]), double(a.bnw[c]));
+  coef[k * 3] = cf.c0, coef[k * 3 + 1] = cf.c1, coef[k * 3 + 2] = cf.c2;
+}
+
+// Slice y of item k's output: BatchNorm change -> ReLU change -> [max pool change]; sl counts outputs.
+template <typename T, typename Src>
+__global__ void __launch_bounds__(kThreads) onech_out_kernel(OneChArgs<T> a, Src src, Slices sl, const double* coef) {
+  const int64_t k = blockIdx.x, c = a.ch[k];
   const bool pooled = a.relu_base && a.pk;
-  if ((a.C && (c < 0 || c >= a.C)) || !src.valid(k)) {
-    const int64_t plane = pooled ? HWp : HW;
-    for (int64_t e = threadIdx.x; e < a.B * plane; e += blockDim.x)
-      a.out[((e / plane) * a.K + k) * plane + e % plane] = nan_of<T>();
+  const int HW = int(a.H * a.W), W = int(a.W), HWp = int(a.Hp * a.Wp), Wp = int(a.Wp);
+  const int plane = pooled ? HWp : HW;
+  T* out = a.out + k * plane;
+  const int64_t os = a.K * plane;  // out[b, k] = out + b * os
+  if (!onech_valid(a, src, k)) {
+    for (int e = sl.lo() + int(threadIdx.x); e < sl.hi(); e += int(blockDim.x))
+      out[(e / plane) * os + e % plane] = nan_of<T>();
     return;
   }
+  const auto f = src.at(k);
+  const int64_t cs = a.C * HW;  // sample stride of the (B, C, H, W) base tensors
+  const T* xh = a.xhat ? a.xhat + c * HW : nullptr;
+  const T* x0 = a.relu_base ? a.relu_base + c * HW : nullptr;
   T c0 = T(0), c1 = T(0), c2 = T(0);
-  if (a.bn_mode == BnMode::Batch) {
-    double s[3] = {0.0, 0.0, 0.0};
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const int64_t b = e / HW, r = e % HW;
-      const double d = double(src(b, k, r));
-      s[0] += d;
-      s[1] += d * d;
-      s[2] += double(a.xhat[(b * a.C + c) * HW + r]) * d;
-    }
-    block_sum<3>(s, sh);
-    const BnCoef cf = bn_delta_coef(s[0], s[1], s[2], double(n), double(a.inv_std[c]), double(a.bnw[c]));
-    c0 = T(cf.c0), c1 = T(cf.c1), c2 = T(cf.c2);
-  }
+  if (a.bn_mode == BnMode::Batch) c0 = T(coef[k * 3]), c1 = T(coef[k * 3 + 1]), c2 = T(coef[k * 3 + 2]);
   const T w2 = a.bn_mode == BnMode::Running ? a.bnw[c] : T(1);
-  auto bn = [&](int64_t b, int64_t r) -> T {
-    const T d = src(b, k, r);
-    if (a.bn_mode == BnMode::Batch) return (c0 + a.xhat[(b * a.C + c) * HW + r] * c1) + d * c2;
+  auto bn = [&](int b, int r) -> T {
+    const T d = f(b, r);
+    if (a.bn_mode == BnMode::Batch) return (c0 + xh[b * cs + r] * c1) + d * c2;
     return a.bn_mode == BnMode::Running ? d * w2 : d;
   };
-  if (!a.relu_base) {
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const int64_t b = e / HW, r = e % HW;
-      a.out[(b * a.K + k) * HW + r] = bn(b, r);
+  if (!x0) {
+    for (int e = sl.lo() + int(threadIdx.x); e < sl.hi(); e += int(blockDim.x)) {
+      const int b = e / HW, r = e - b * HW;
+      out[b * os + r] = bn(b, r);
     }
-  } else if (!a.pk) {
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const int64_t b = e / HW, r = e % HW;
-      a.out[(b * a.K + k) * HW + r] = relu_delta(a.relu_base[(b * a.C + c) * HW + r], bn(b, r));
+  } else if (!pooled) {
+    for (int e = sl.lo() + int(threadIdx.x); e < sl.hi(); e += int(blockDim.x)) {
+      const int b = e / HW, r = e - b * HW;
+      out[b * os + r] = relu_delta(x0[b * cs + r], bn(b, r));
     }
   } else {  // the perturbed ReLU input's argmax per window, the exact change there (relu_pool_delta)
-    for (int64_t e = threadIdx.x; e < a.B * HWp; e += blockDim.x) {
-      const int64_t b = e / HWp, q = e % HWp, ip = q / a.Wp, jp = q % a.Wp;
-      const int64_t r0 = ip * a.ps, r1 = imin(r0 + a.pk, a.H), q0 = jp * a.ps, q1 = imin(q0 + a.pk, a.W);
-      const T* x0 = a.relu_base + (b * a.C + c) * HW;
+    const T* pb = a.pool_base + c * HWp;
+    const int64_t ps = a.C * HWp;
+    const int H = int(a.H), pk = int(a.pk), st = int(a.ps);
+    for (int e = sl.lo() + int(threadIdx.x); e < sl.hi(); e += int(blockDim.x)) {
+      const int b = e / HWp, q = e - b * HWp, ip = q / Wp, jp = q - ip * Wp;
+      const int r0 = ip * st, r1 = r0 + pk < H ? r0 + pk : H, q0 = jp * st, q1 = q0 + pk < W ? q0 + pk : W;
+      const T* xb = x0 + b * cs;
       T best = -INFINITY, bx = T(0), bd = T(0);
       bool first = true;
-      for (int64_t i = r0; i < r1; ++i)
-        for (int64_t j = q0; j < q1; ++j) {
-          const T d = bn(b, i * a.W + j), v = x0[i * a.W + j] + d;
+      for (int i = r0; i < r1; ++i)
+        for (int j = q0; j < q1; ++j) {
+          const T d = bn(b, i * W + j), v = xb[i * W + j] + d;
           if (first || v > best || (v != v && best == best)) {
             best = v;
-            bx = x0[i * a.W + j];
+            bx = xb[i * W + j];
             bd = d;
             first = false;
           }
         }
-      a.out[(b * a.K + k) * HWp + q] = relu_pool_delta(bx, bd, a.pool_base[(b * a.C + c) * HWp + q]);
+      out[b * os + q] = relu_pool_delta(bx, bd, pb[b * ps + q]);
     }
   }
 }
@@ -186,105 +311,104 @@ struct DenseValuesSrcD {
   const T* v;
   int64_t K, C, HW;
   __device__ bool valid(int64_t) const { return true; }
-  __device__ T operator()(int64_t b, int64_t k, int64_t c, int64_t r) const {
-    return v[((b * K + k) * C + c) * HW + r];
-  }
+  __device__ PlaneAt<T> at(int64_t k, int64_t c) const { return {v + (k * C + c) * HW, K * C * HW}; }
 };
 
-// base_out[b, co] + single-input-channel conv of delta[b, k] with weight[co, ch[k]] (zero padding).
-template <typename T>
-struct ConvSrcD {
-  const T *delta, *weight, *base;
-  const int64_t* ch;
-  int64_t K, H, W, Cin, Cout, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
-  __device__ bool valid(int64_t k) const { return ch[k] >= 0 && ch[k] < Cin; }
-  __device__ T operator()(int64_t b, int64_t k, int64_t co, int64_t r) const {
-    const int64_t i = r / Wo, j = r % Wo;
-    const T* in = delta + (b * K + k) * H * W;
-    const T* wt = weight + (co * Cin + ch[k]) * kh * kw;
-    T acc = T(0);
-    for (int64_t u = 0; u < kh; ++u) {
-      const int64_t y = i * sh - ph + u * dh;
-      if (y < 0 || y >= H) continue;
-      for (int64_t v = 0; v < kw; ++v) {
-        const int64_t x = j * sw - pw + v * dw;
-        if (x >= 0 && x < W) acc += wt[u * kw + v] * in[y * W + x];
-      }
-    }
-    return base[(b * Cout + co) * Ho * Wo + r] + acc;  // base + dz, as the reference
-  }
-};
-
-// One block per (k, c): statistics over (B, H, W) in two passes (double), then BatchNorm -> residual
-// -> ReLU -> max pool -> global average. With `cache`, the item's pre-BatchNorm values are kept in
-// dynamic shared memory between the passes instead of being recomputed.
+// Slice y of item (k, c): its values' count, mean and M2 (shifted sums in double: one pass, no
+// cancellation) -> part[(kc * S + y) * 3 + q].
 template <typename T, typename Src>
-__global__ void __launch_bounds__(kThreads) dense_kernel(DenseArgs<T> a, Src src, bool cache) {
-  DZ_DYNAMIC_SMEM(double, smem_d);  // double: aligned for T
-  T* vc = reinterpret_cast<T*>(smem_d);
-  __shared__ double sh[32];
-  const int64_t kc = blockIdx.x, k = kc / a.C, c = kc % a.C, HW = a.H * a.W, n = a.B * HW;
-  const int64_t HWp = a.pk ? a.Hp * a.Wp : HW;
+__global__ void __launch_bounds__(kThreads) dense_stats_kernel(DenseArgs<T> a, Src src, Slices sl, double* part) {
+  __shared__ double sh[2 * 32];
+  const int64_t kc = blockIdx.x, k = kc / a.C, c = kc - k * a.C;
+  if (!src.valid(k)) return;
+  const auto f = src.at(k, c);
+  const int HW = int(a.H * a.W), lo = sl.lo(), hi = sl.hi();
+  const double shift = double(f(lo / HW, lo % HW));
+  double s[2] = {0.0, 0.0};
+  for (int e = lo + int(threadIdx.x); e < hi; e += int(blockDim.x)) {
+    const int b = e / HW;
+    const double d = double(f(b, e - b * HW)) - shift;
+    s[0] += d;
+    s[1] += d * d;
+  }
+  block_sum<2>(s, sh);
+  if (threadIdx.x == 0) {
+    const Moments m = moments_shifted(double(hi - lo), shift, s[0], s[1]);
+    double* p = part + (kc * sl.S + blockIdx.y) * 3;
+    p[0] = m.n, p[1] = m.mean, p[2] = m.m2;
+  }
+}
+
+// One thread per item: the slices' moments merged in order (Chan) -> mean and 1/sqrt(var + eps).
+template <typename T>
+__global__ void dense_coef_kernel(DenseArgs<T> a, int S, const double* part, double* coef) {
+  const int64_t kc = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (kc >= a.K * a.C) return;
+  Moments m{0.0, 0.0, 0.0};
+  for (int y = 0; y < S; ++y) {
+    const double* p = part + (kc * S + y) * 3;
+    m = chan_merge(m, Moments{p[0], p[1], p[2]});
+  }
+  coef[kc * 2] = m.mean, coef[kc * 2 + 1] = 1.0 / sqrt(m.m2 / m.n + a.eps);
+}
+
+// BatchNorm -> residual -> ReLU -> max pool -> [global average] of item (k, c). Without the global
+// average sl counts output elements; with it, samples (a warp per sample, warp-shuffle sums).
+template <typename T, typename Src>
+__global__ void __launch_bounds__(kThreads) dense_out_kernel(DenseArgs<T> a, Src src, Slices sl, const double* coef) {
+  const int64_t kc = blockIdx.x, k = kc / a.C, c = kc - k * a.C;
+  const int HW = int(a.H * a.W), H = int(a.H), W = int(a.W), Wp = int(a.Wp);
+  const int HWp = a.pk ? int(a.Hp * a.Wp) : HW;
+  const int plane = a.gavg ? 1 : HWp;
+  T* out = a.out + kc * plane;
+  const int64_t os = a.K * a.C * plane;  // out[b, k, c] = out + b * os
   if (!src.valid(k)) {
-    const int64_t plane = a.gavg ? 1 : HWp;
-    for (int64_t e = threadIdx.x; e < a.B * plane; e += blockDim.x)
-      a.out[((e / plane) * a.K + k) * a.C * plane + c * plane + e % plane] = nan_of<T>();
+    if (a.gavg)
+      for (int b = sl.lo() + int(threadIdx.x); b < sl.hi(); b += int(blockDim.x)) out[b * os] = nan_of<T>();
+    else
+      for (int e = sl.lo() + int(threadIdx.x); e < sl.hi(); e += int(blockDim.x))
+        out[(e / plane) * os + e % plane] = nan_of<T>();
     return;
   }
-  const bool use_cache = cache && a.bn_mode == BnMode::Batch;
-  auto val = [&](int64_t b, int64_t r) -> T { return use_cache ? vc[b * HW + r] : src(b, k, c, r); };
+  const auto f = src.at(k, c);
   T mean = T(0), rstd = T(0);
-  if (a.bn_mode == BnMode::Batch) {
-    double s[1] = {0.0};
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const T v = src(e / HW, k, c, e % HW);
-      if (use_cache) vc[e] = v;
-      s[0] += double(v);
-    }
-    block_sum<1>(s, sh);  // also orders the cache writes before the reads below
-    const double m = s[0] / double(n);
-    double q[1] = {0.0};
-    for (int64_t e = threadIdx.x; e < n; e += blockDim.x) {
-      const double dv = double(val(e / HW, e % HW)) - m;
-      q[0] += dv * dv;
-    }
-    block_sum<1>(q, sh);
-    mean = T(m), rstd = T(1.0 / sqrt(q[0] / double(n) + a.eps));
-  }
+  if (a.bn_mode == BnMode::Batch) mean = T(coef[kc * 2]), rstd = T(coef[kc * 2 + 1]);
   const bool bn = a.bn_mode != BnMode::None;
   const T w = bn ? a.bnw[c] : T(1), bb = bn ? a.bnb[c] : T(0);
-  auto post = [&](int64_t b, int64_t r) -> T {  // BatchNorm -> residual -> ReLU, in the reference's order
-    const T v = val(b, r);
+  const T* res = a.residual ? a.residual + c * HW : nullptr;
+  const int64_t rs = a.C * HW;
+  auto post = [&](int b, int r) -> T {  // BatchNorm -> residual -> ReLU, in the reference's order
+    const T v = f(b, r);
     T y = a.bn_mode == BnMode::Batch     ? ((v - mean) * rstd) * w + bb
           : a.bn_mode == BnMode::Running ? v * w + bb
                                          : v;
-    if (a.residual) y += a.residual[(b * a.C + c) * HW + r];
+    if (res) y += res[b * rs + r];
     if (a.relu) y = y > T(0) ? y : (y != y ? y : T(0));
     return y;
   };
-  auto pooled = [&](int64_t b, int64_t q) -> T {  // output q of the (clipped, ceil-mode) max pool
-    if (!a.pk) return post(b, q);
-    const int64_t ip = q / a.Wp, jp = q % a.Wp;
-    const int64_t r0 = ip * a.ps, r1 = imin(r0 + a.pk, a.H), q0 = jp * a.ps, q1 = imin(q0 + a.pk, a.W);
+  const int pk = int(a.pk), ps = int(a.ps);
+  auto pooled = [&](int b, int q) -> T {  // output q of the (clipped, ceil-mode) max pool
+    if (!pk) return post(b, q);
+    const int ip = q / Wp, jp = q - ip * Wp;
+    const int r0 = ip * ps, r1 = r0 + pk < H ? r0 + pk : H, q0 = jp * ps, q1 = q0 + pk < W ? q0 + pk : W;
     T m = -INFINITY;
-    for (int64_t i = r0; i < r1; ++i)
-      for (int64_t j = q0; j < q1; ++j) m = nan_max(m, post(b, i * a.W + j));
+    for (int i = r0; i < r1; ++i)
+      for (int j = q0; j < q1; ++j) m = nan_max(m, post(b, i * W + j));
     return m;
   };
   if (!a.gavg) {
-    for (int64_t e = threadIdx.x; e < a.B * HWp; e += blockDim.x) {
-      const int64_t b = e / HWp, q = e % HWp;
-      a.out[((b * a.K + k) * a.C + c) * HWp + q] = pooled(b, q);
+    for (int e = sl.lo() + int(threadIdx.x); e < sl.hi(); e += int(blockDim.x)) {
+      const int b = e / HWp, q = e - b * HWp;
+      out[b * os + q] = pooled(b, q);
     }
     return;
   }
-  // global average: one warp per sample, warp-shuffle sums (deterministic)
   const int ws = warp_width(), nw = int(blockDim.x) / ws, lane = threadIdx.x % ws, wid = threadIdx.x / ws;
-  for (int64_t b = wid; b < a.B; b += nw) {
+  for (int b = sl.lo() + wid; b < sl.hi(); b += nw) {
     double s = 0.0;
-    for (int64_t q = lane; q < HWp; q += ws) s += double(pooled(b, q));
+    for (int q = lane; q < HWp; q += ws) s += double(pooled(b, q));
     s = warp_sum(s);
-    if (lane == 0) a.out[(b * a.K + k) * a.C + c] = T(s / double(HWp));
+    if (lane == 0) out[b * os] = T(s / double(HWp));
   }
 }
 
@@ -366,6 +490,9 @@ __global__ void dense_ce_kernel(const T* values, const T* base, const T* weight,
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "chain_args.h"
 #include "kernels.h"
 
@@ -384,20 +511,98 @@ __global__ void dense_ce_kernel(const T* values, const T* base, const T* weight,
 #endif
 
 namespace dz {
+
+// Elements per block of the chain kernels (16 per thread at 256 threads): enough work per block to
+// hide the reduction, and slices enough per item that one perturbation fills an H100/H200. The C++
+// tests set it small so that tiny items are split too.
+inline int64_t chain_slice_elems = 4096;
+
 namespace {
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
-// Shared memory for caching an item's B*H*W pre-BatchNorm values, when it fits without opt-in.
-constexpr size_t kCacheLimit = 48 * 1024 - 32 * sizeof(double);
+// The slicing of an item of n elements (see cuda::Slices); its sizes must fit the kernels' 32-bit
+// in-plane indices and the grid's y dimension.
+cuda::Slices slices_for(int64_t n, int64_t per_block = chain_slice_elems) {
+  TORCH_CHECK(n < (int64_t(1) << 31), "deepzero CUDA kernels: ", n,
+              " elements per perturbation exceed their 32-bit indexing; use a smaller batch or the torch backend");
+  int64_t len = std::max<int64_t>(per_block, (n + 65534) / 65535);
+  len = std::max<int64_t>(1, std::min(len, n));
+  return cuda::Slices{int(n), int(std::max<int64_t>(1, (n + len - 1) / len)), int(len)};
+}
 
+void check_items(int64_t items) {
+  TORCH_CHECK(items < (int64_t(1) << 31), "deepzero CUDA kernels: ", items, " work items exceed the grid");
+}
+
+// 32-bit convolution geometry (every size is below the 32-bit limit checked by slices_for).
+cuda::ConvGeom conv_geom(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                         int64_t pw, int64_t dh, int64_t dw, int64_t Wo) {
+  for (int64_t v : {H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo, H * W})
+    TORCH_CHECK(v < (int64_t(1) << 30), "deepzero CUDA kernels: convolution size ", v, " too large");
+  return cuda::ConvGeom{int(H), int(W), int(kh), int(kw), int(sh), int(sw), int(ph), int(pw), int(dh), int(dw), int(Wo)};
+}
+
+// Calls f with std::integral_constant<int, TAPS>: 3 and 1 for square 3x3 / 1x1 filters (unrolled
+// taps), 0 for any other size.
+template <typename F>
+void with_taps(int64_t kh, int64_t kw, F&& f) {
+  if (kh == 3 && kw == 3)
+    f(std::integral_constant<int, 3>());
+  else if (kh == 1 && kw == 1)
+    f(std::integral_constant<int, 1>());
+  else
+    f(std::integral_constant<int, 0>());
+}
+
+// The one-channel chains: [statistics -> coefficients ->] outputs.
 template <typename T, typename Src>
-void launch_dense(const DenseArgs<T>& a, const Src& src) {
-  if (a.K * a.C == 0) return;
-  const size_t bytes = size_t(a.B * a.H * a.W) * sizeof(T);
-  const bool cache = a.bn_mode == BnMode::Batch && bytes <= kCacheLimit;
-  auto kernel = cuda::dense_kernel<T, Src>;
-  DZ_LAUNCH_BLOCK(kernel, unsigned(a.K * a.C), cuda::kThreads, cache ? bytes : 0, a, src, cache);
+void launch_onech(const OneChArgs<T>& a, const Src& src, const at::TensorOptions& opt) {
+  if (a.K == 0 || a.B == 0) return;
+  check_items(a.K);
+  const bool pooled = a.relu_base && a.pk;
+  const cuda::Slices out_sl = slices_for(a.B * (pooled ? a.Hp * a.Wp : a.H * a.W));
+  at::Tensor coef;
+  if (a.bn_mode == BnMode::Batch) {
+    const cuda::Slices st = slices_for(a.B * a.H * a.W);
+    const at::Tensor part = at::empty({a.K * st.S * 3}, opt.dtype(at::kDouble));
+    coef = at::empty({a.K * 3}, opt.dtype(at::kDouble));
+    auto stats = cuda::onech_stats_kernel<T, Src>;
+    DZ_LAUNCH_BLOCK(stats, dim3(unsigned(a.K), unsigned(st.S)), cuda::kThreads, 0, a, src, st, part.data_ptr<double>());
+    auto coefs = cuda::onech_coef_kernel<T, Src>;
+    DZ_LAUNCH_FLAT(coefs, blocks_for(a.K, 128), 128, 0, a, src, st.S, st.n, part.data_ptr<double>(),
+                   coef.data_ptr<double>());
+  }
+  auto kernel = cuda::onech_out_kernel<T, Src>;
+  DZ_LAUNCH_BLOCK(kernel, dim3(unsigned(a.K), unsigned(out_sl.S)), cuda::kThreads, 0, a, src, out_sl,
+                  coef.defined() ? coef.data_ptr<double>() : nullptr);
+}
+
+// The dense chains: [statistics -> mean and 1/std ->] outputs.
+template <typename T, typename Src>
+void launch_dense(const DenseArgs<T>& a, const Src& src, const at::TensorOptions& opt) {
+  const int64_t items = a.K * a.C;
+  if (items == 0 || a.B == 0) return;
+  check_items(items);
+  const int64_t HW = a.H * a.W, HWp = a.pk ? a.Hp * a.Wp : HW;
+  at::Tensor coef;
+  if (a.bn_mode == BnMode::Batch) {
+    const cuda::Slices st = slices_for(a.B * HW);
+    const at::Tensor part = at::empty({items * st.S * 3}, opt.dtype(at::kDouble));
+    coef = at::empty({items * 2}, opt.dtype(at::kDouble));
+    auto stats = cuda::dense_stats_kernel<T, Src>;
+    DZ_LAUNCH_BLOCK(stats, dim3(unsigned(items), unsigned(st.S)), cuda::kThreads, 0, a, src, st,
+                    part.data_ptr<double>());
+    auto coefs = cuda::dense_coef_kernel<T>;
+    DZ_LAUNCH_FLAT(coefs, blocks_for(items, 128), 128, 0, a, st.S, part.data_ptr<double>(), coef.data_ptr<double>());
+  }
+  slices_for(a.B * HW);  // size check of the pre-pool planes
+  // with the global average a block takes whole samples (about chain_slice_elems inputs)
+  const cuda::Slices out_sl = a.gavg ? slices_for(a.B, std::max<int64_t>(1, chain_slice_elems / HW))
+                                     : slices_for(a.B * HWp);
+  auto kernel = cuda::dense_out_kernel<T, Src>;
+  DZ_LAUNCH_BLOCK(kernel, dim3(unsigned(items), unsigned(out_sl.S)), cuda::kThreads, 0, a, src, out_sl,
+                  coef.defined() ? coef.data_ptr<double>() : nullptr);
 }
 
 }  // namespace
@@ -412,10 +617,7 @@ at::Tensor channel_chain_cuda(const at::Tensor& values, const at::Tensor& channe
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "channel_chain_cuda", [&] {
     auto a = onech_args<scalar_t>(B, K, H, W, channel, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base, pool_k,
                                   pool_s, pool_base, out, values.options());
-    if (K == 0) return;
-    cuda::ValuesSrcD<scalar_t> src{values.data_ptr<scalar_t>(), K, H * W};
-    auto kernel = cuda::onech_kernel<scalar_t, decltype(src)>;
-    DZ_LAUNCH_BLOCK(kernel, unsigned(K), cuda::kThreads, 0, a, src);
+    launch_onech(a, cuda::ValuesSrcD<scalar_t>{values.data_ptr<scalar_t>(), K, H * W}, values.options());
   });
   return out;
 }
@@ -431,16 +633,16 @@ at::Tensor conv1ch_delta_chain_cuda(const at::Tensor& delta, const at::Tensor& c
   const int64_t Cout = weight.size(0), Cin = weight.size(1), kh = weight.size(2), kw = weight.size(3);
   const int64_t Ho = conv_out_size(H, kh, stride_h, pad_h, dil_h), Wo = conv_out_size(W, kw, stride_w, pad_w, dil_w);
   const at::Tensor items = at::arange(Cout, channel.options()).repeat({K});
+  const cuda::ConvGeom g = conv_geom(H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, Wo);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "conv1ch_delta_chain_cuda", [&] {
     auto a = onech_args<scalar_t>(B, K * Cout, Ho, Wo, items, bn_mode, bn_xhat, bn_inv_std, bn_weight, relu_base,
                                   pool_k, pool_s, pool_base, out, delta.options());
-    if (K == 0) return;
-    cuda::Conv1chSrcD<scalar_t> src{delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                                    channel.data_ptr<int64_t>(), K, Cout, Cin, H, W, kh, kw, stride_h, stride_w,
-                                    pad_h, pad_w, dil_h, dil_w, Wo};
-    auto kernel = cuda::onech_kernel<scalar_t, decltype(src)>;
-    DZ_LAUNCH_BLOCK(kernel, unsigned(K * Cout), cuda::kThreads, 0, a, src);
+    with_taps(kh, kw, [&](auto taps) {
+      cuda::Conv1chSrcD<decltype(taps)::value, scalar_t> src{
+          delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), channel.data_ptr<int64_t>(), K, Cout, Cin, g};
+      launch_onech(a, src, delta.options());
+    });
   });
   out = out.view({B, K, Cout, out.size(2), out.size(3)});
   return global_avg ? out.mean({3, 4}, true) : out;
@@ -454,16 +656,15 @@ at::Tensor conv_delta_chain_cuda(const at::Tensor& x, const at::Tensor& src_chan
                                  const at::Tensor& pool_base) {
   DZ_DEVICE_GUARD(x);
   const int64_t B = x.size(0), K = src_channel.numel();
+  const cuda::ConvGeom g = conv_geom(x.size(2), x.size(3), 1, 1, stride_h, stride_w, 0, 0, 1, 1, w_out);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_delta_chain_cuda", [&] {
     auto a = onech_args<scalar_t>(B, K, h_out, w_out, out_channel, bn_mode, bn_xhat, bn_inv_std, bn_weight,
                                   relu_base, pool_k, pool_s, pool_base, out, x.options());
-    if (K == 0) return;
-    cuda::GatherSrcD<scalar_t> src{x.data_ptr<scalar_t>(), x.size(1), x.size(2), x.size(3), w_out, stride_h,
-                                   stride_w, src_channel.data_ptr<int64_t>(), off_h.data_ptr<int64_t>(),
+    cuda::GatherSrcD<scalar_t> src{x.data_ptr<scalar_t>(), x.size(1), g.H, g.W, g.Wo, g.sh, g.sw,
+                                   src_channel.data_ptr<int64_t>(), off_h.data_ptr<int64_t>(),
                                    off_w.data_ptr<int64_t>(), scalar_t(mu)};
-    auto kernel = cuda::onech_kernel<scalar_t, decltype(src)>;
-    DZ_LAUNCH_BLOCK(kernel, unsigned(K), cuda::kThreads, 0, a, src);
+    launch_onech(a, src, x.options());
   });
   return out;
 }
@@ -477,7 +678,7 @@ at::Tensor bn_act_dense_cuda(const at::Tensor& values, int64_t bn_mode, const at
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "bn_act_dense_cuda", [&] {
     auto a = dense_args<scalar_t>(B, K, C, H, W, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k, pool_s,
                                   global_avg, out, values.options());
-    launch_dense(a, cuda::DenseValuesSrcD<scalar_t>{values.data_ptr<scalar_t>(), K, C, H * W});
+    launch_dense(a, cuda::DenseValuesSrcD<scalar_t>{values.data_ptr<scalar_t>(), K, C, H * W}, values.options());
   });
   return out;
 }
@@ -491,15 +692,18 @@ at::Tensor conv1ch_chain_cuda(const at::Tensor& delta, const at::Tensor& channel
   DZ_DEVICE_GUARD(delta);
   const int64_t B = delta.size(0), K = delta.size(1), H = delta.size(2), W = delta.size(3);
   const int64_t Cout = weight.size(0), Ho = base_out.size(2), Wo = base_out.size(3);
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const cuda::ConvGeom g = conv_geom(H, W, kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, Wo);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(delta.scalar_type(), "conv1ch_chain_cuda", [&] {
     auto a = dense_args<scalar_t>(B, K, Cout, Ho, Wo, bn_mode, bn_weight, bn_bias, eps, residual, relu, pool_k,
                                   pool_s, global_avg, out, delta.options());
-    cuda::ConvSrcD<scalar_t> src{delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                                 base_out.data_ptr<scalar_t>(), channel.data_ptr<int64_t>(), K, H, W, weight.size(1),
-                                 Cout, weight.size(2), weight.size(3), stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-                                 Ho, Wo};
-    launch_dense(a, src);
+    with_taps(kh, kw, [&](auto taps) {
+      cuda::ConvSrcD<decltype(taps)::value, scalar_t> src{delta.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                                          base_out.data_ptr<scalar_t>(), channel.data_ptr<int64_t>(),
+                                                          K, weight.size(1), Cout, Ho, g};
+      launch_dense(a, src, delta.options());
+    });
   });
   return out;
 }

@@ -127,6 +127,26 @@ DZ_HD BnCoef bn_delta_coef(double s1, double s2, double sxd, double n, double in
   return c;
 }
 
+// Count, mean and sum of squared deviations (M2) of a set of values, in double.
+struct Moments {
+  double n, mean, m2;
+};
+
+// The moments of n values from their sums shifted by one of them (s1 = sum (v - shift), s2 =
+// sum (v - shift)^2): one pass, and no cancellation as long as the shift lies within the values' spread.
+DZ_HD Moments moments_shifted(double n, double shift, double s1, double s2) {
+  const double d = s1 / n;
+  return Moments{n, shift + d, s2 - s1 * d};
+}
+
+// The moments of the union of two sets (Chan et al.'s pairwise update).
+DZ_HD Moments chan_merge(Moments a, Moments b) {
+  if (b.n == 0.0) return a;
+  if (a.n == 0.0) return b;
+  const double n = a.n + b.n, d = b.mean - a.mean, f = b.n / n;
+  return Moments{n, a.mean + d * f, a.m2 + b.m2 + d * d * a.n * f};
+}
+
 // Closed-form cross-entropy change of sample b when only logit i changes by d:
 // log1p(p_i expm1(d)) - d [i == y] (ops.cross_entropy_delta with coords). Non-finite only when p_i
 // rounded to 1 and d is very negative; the caller then uses ce_direct.

@@ -12,10 +12,11 @@
 
 #define DZ_CUDA_EMULATE 1
 
-struct dz_emu_dim3 {
-  unsigned x;
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-inline dz_emu_dim3 threadIdx{0}, blockIdx{0}, blockDim{1};
+inline dim3 threadIdx{0, 0}, blockIdx{0, 0}, blockDim{1};
 
 #define __global__
 #define __device__
@@ -31,24 +32,20 @@ T __shfl_down_sync(unsigned, T, int) {  // never reached: the warp width is 1 he
   return T(0);
 }
 
-inline std::vector<double>& dz_emu_smem() {
-  static std::vector<double> buf(48 * 1024 / sizeof(double));
-  return buf;
-}
-#define DZ_DYNAMIC_SMEM(type, name) type* name = dz_emu_smem().data()
 #define DZ_DEVICE_GUARD(t) (void)(t)
 
 template <typename F>
-void dz_emu_launch(unsigned grid, unsigned threads, F f) {
+void dz_emu_launch(dim3 grid, unsigned threads, F f) {
   blockDim.x = threads;
-  for (unsigned b = 0; b < grid; ++b) {
-    blockIdx.x = b;
-    for (unsigned t = 0; t < threads; ++t) {
-      threadIdx.x = t;
-      f();
+  for (unsigned y = 0; y < grid.y; ++y)
+    for (unsigned b = 0; b < grid.x; ++b) {
+      blockIdx.x = b, blockIdx.y = y;
+      for (unsigned t = 0; t < threads; ++t) {
+        threadIdx.x = t;
+        f();
+      }
     }
-  }
-  threadIdx.x = blockIdx.x = 0;
+  threadIdx.x = blockIdx.x = blockIdx.y = 0;
   blockDim.x = 1;
 }
 

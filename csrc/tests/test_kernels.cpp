@@ -209,6 +209,18 @@ const char* dname(at::ScalarType t) { return t == at::kFloat ? "f32" : "f64"; }
 double tol_exact(at::ScalarType t) { return t == at::kFloat ? 2e-4 : 1e-9; }   // vs the double definition
 double tol_same(at::ScalarType t) { return t == at::kFloat ? 2e-5 : 1e-12; }   // emulated CUDA vs CPU
 
+// Runs f(tag) with the emulated CUDA chains at their default slicing and with every item cut into
+// slices of 7 and of 1 elements, so that the multi-block statistics and their merge are exercised.
+template <typename F>
+void for_each_slicing(F f) {
+  const int64_t dflt = dz::chain_slice_elems;
+  for (int64_t s : {dflt, int64_t(7), int64_t(1)}) {
+    dz::chain_slice_elems = s;
+    f(" slice" + std::to_string(s));
+  }
+  dz::chain_slice_elems = dflt;
+}
+
 struct ConvCase {
   int64_t B, Ci, H, W, Co, kh, kw, st, pad, dil;
   BnMode mode;
@@ -271,17 +283,21 @@ void test_conv_delta_chain(const ConvCase& cs, at::ScalarType dt) {
   dz::set_cpu_isa("auto");
   const at::Tensor cpu = dz::conv_delta_chain_cpu(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, mode, bx, bi, bw,
                                                   x0, cs.pk, cs.ps, pb);
-  const at::Tensor gpu = dz::conv_delta_chain_cuda(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, mode, bx, bi,
-                                                   bw, x0, cs.pk, cs.ps, pb);
-  expect_close(name + " cuda(emulated) vs cpu", gpu, cpu, tol_same(dt), mu);
+  for_each_slicing([&](const std::string& tag) {
+    const at::Tensor gpu = dz::conv_delta_chain_cuda(x, src, oh, ow, outc, mu, cs.st, cs.st, Ho, Wo, mode, bx, bi,
+                                                     bw, x0, cs.pk, cs.ps, pb);
+    expect_close(name + " cuda(emulated" + tag + ") vs cpu", gpu, cpu, tol_same(dt), mu);
+  });
   // channel_chain on the same chain: the values are given instead of gathered
   if (bn || cs.relu) {
     const at::Tensor v = at::randn({cs.B, cs.K, Ho, Wo}, opt) * 0.05;
     const at::Tensor w2 = naive_onech(v, outc, cs.mode, bx, bi, bw, x0, cs.pk, cs.ps, pb);
     const at::Tensor c2 = dz::channel_chain_cpu(v, outc, mode, bx, bi, bw, x0, cs.pk, cs.ps, pb);
     expect_close(name + " channel_chain cpu vs definition", c2, w2, tol_exact(dt), 0.05);
-    expect_close(name + " channel_chain cuda(emulated) vs cpu",
-                 dz::channel_chain_cuda(v, outc, mode, bx, bi, bw, x0, cs.pk, cs.ps, pb), c2, tol_same(dt), 0.05);
+    for_each_slicing([&](const std::string& tag) {
+      expect_close(name + " channel_chain cuda(emulated" + tag + ") vs cpu",
+                   dz::channel_chain_cuda(v, outc, mode, bx, bi, bw, x0, cs.pk, cs.ps, pb), c2, tol_same(dt), 0.05);
+    });
   }
 }
 
@@ -326,12 +342,72 @@ void test_dense(const DenseCase& cs, at::ScalarType dt) {
   dz::set_cpu_isa("auto");
   const at::Tensor cpu = dz::conv1ch_chain_cpu(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil,
                                                base, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
-  const at::Tensor gpu = dz::conv1ch_chain_cuda(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil,
-                                                base, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
-  expect_close(name + " conv1ch cuda(emulated) vs cpu", gpu, cpu, tol_same(dt));
-  expect_close(name + " bn_act_dense cuda(emulated) vs cpu",
-               dz::bn_act_dense_cuda(vt, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg),
-               dz::bn_act_dense_cpu(vt, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg), tol_same(dt));
+  const at::Tensor cpu_d = dz::bn_act_dense_cpu(vt, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg);
+  for_each_slicing([&](const std::string& tag) {
+    const at::Tensor gpu = dz::conv1ch_chain_cuda(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil,
+                                                  cs.dil, base, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps,
+                                                  cs.gavg);
+    expect_close(name + " conv1ch cuda(emulated" + tag + ") vs cpu", gpu, cpu, tol_same(dt));
+    expect_close(name + " bn_act_dense cuda(emulated" + tag + ") vs cpu",
+                 dz::bn_act_dense_cuda(vt, mode, bnw, bnb, eps, res, cs.relu, cs.pk, cs.ps, cs.gavg), cpu_d,
+                 tol_same(dt));
+  });
+}
+
+// conv1ch_delta_chain: the next conv of a one-channel delta (no base), then the one-channel chain of
+// each (perturbation, output channel) item, optionally averaged over the plane.
+void test_conv1ch_delta(const DenseCase& cs, at::ScalarType dt) {
+  const std::string name = "conv1ch_delta_chain[B" + std::to_string(cs.B) + " K" + std::to_string(cs.K) + " H" +
+                           std::to_string(cs.H) + " W" + std::to_string(cs.W) + " k" + std::to_string(cs.kh) + "x" +
+                           std::to_string(cs.kw) + " s" + std::to_string(cs.st) + " bn" + std::to_string(int(cs.mode)) +
+                           " pool" + std::to_string(cs.pk) + (cs.gavg ? " gavg " : " ") + dname(dt) + "]";
+  auto opt = at::TensorOptions().dtype(dt);
+  const int64_t Ho = dz::conv_out_size(cs.H, cs.kh, cs.st, cs.pad, cs.dil);
+  const int64_t Wo = dz::conv_out_size(cs.W, cs.kw, cs.st, cs.pad, cs.dil);
+  const at::Tensor e = at::empty({0}, opt);
+  const at::Tensor weight = at::randn({cs.Co, cs.Ci, cs.kh, cs.kw}, opt);
+  const at::Tensor delta = at::randn({cs.B, cs.K, cs.H, cs.W}, opt) * 0.05;
+  const at::Tensor channel = at::randint(cs.Ci, {cs.K}, at::kLong);
+  const at::Tensor z = at::randn({cs.B, cs.Co, Ho, Wo}, at::kDouble);
+  const at::Tensor xhat = (z - z.mean({0, 2, 3}, true)).to(dt).contiguous();
+  const at::Tensor inv = at::rsqrt(xhat.to(at::kDouble).pow(2).mean({0, 2, 3}) + 1e-5).to(dt);
+  const at::Tensor bnw = (at::rand({cs.Co}, at::kDouble) + 0.5).to(dt);
+  const bool batch = cs.mode == BnMode::Batch, bn = cs.mode != BnMode::None;
+  const at::Tensor bx = batch ? xhat : e, bi = batch ? inv : e, bw = bn ? bnw : e;
+  const at::Tensor x0 = cs.relu ? at::randn({cs.B, cs.Co, Ho, Wo}, opt) : e;
+  const int64_t pk = cs.relu ? cs.pk : 0;
+  at::Tensor pb = e;
+  if (pk) {
+    const at::Tensor r = D(x0).clamp_min(0);
+    pb = at::empty({cs.B, cs.Co, pool_len(Ho, pk, cs.ps), pool_len(Wo, pk, cs.ps)}, at::kDouble);
+    for (int64_t p = 0; p < cs.B * cs.Co; ++p) {
+      auto q = pool_plane(r.data_ptr<double>() + p * Ho * Wo, Ho, Wo, pk, cs.ps);
+      std::copy(q.begin(), q.end(), pb.data_ptr<double>() + p * q.size());
+    }
+    pb = pb.to(dt);
+  }
+  const int64_t mode = int64_t(cs.mode);
+  const at::Tensor v = naive_conv1ch_values(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil,
+                                            at::zeros({cs.B, cs.Co, Ho, Wo}, at::kDouble));
+  const at::Tensor items = at::arange(cs.Co, at::kLong).repeat({cs.K});
+  at::Tensor want = naive_onech(v.view({cs.B, cs.K * cs.Co, Ho, Wo}), items, cs.mode, bx, bi, bw, x0, pk, cs.ps, pb);
+  want = want.view({cs.B, cs.K, cs.Co, want.size(2), want.size(3)});
+  if (cs.gavg) want = want.mean({3, 4}, true);
+  auto cpu_call = [&] {
+    return dz::conv1ch_delta_chain_cpu(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil, cs.dil, mode,
+                                       bx, bi, bw, x0, pk, cs.ps, pb, cs.gavg);
+  };
+  for (const char* isa : {"baseline", "avx2"}) {
+    dz::set_cpu_isa(isa);
+    expect_close(name + " cpu-" + dz::cpu_isa() + " vs definition", cpu_call(), want, tol_exact(dt), 0.05);
+  }
+  dz::set_cpu_isa("auto");
+  const at::Tensor cpu = cpu_call();
+  for_each_slicing([&](const std::string& tag) {
+    const at::Tensor gpu = dz::conv1ch_delta_chain_cuda(delta, channel, weight, cs.st, cs.st, cs.pad, cs.pad, cs.dil,
+                                                        cs.dil, mode, bx, bi, bw, x0, pk, cs.ps, pb, cs.gavg);
+    expect_close(name + " cuda(emulated" + tag + ") vs cpu", gpu, cpu, tol_same(dt), 0.05);
+  });
 }
 
 void test_ce(int64_t B, int64_t Nin, int64_t N, int64_t K, at::ScalarType dt, bool extreme) {
@@ -407,7 +483,10 @@ int main() {
   };
   for (at::ScalarType dt : {at::kFloat, at::kDouble}) {
     for (const auto& cs : conv_cases) test_conv_delta_chain(cs, dt);
-    for (const auto& cs : dense_cases) test_dense(cs, dt);
+    for (const auto& cs : dense_cases) {
+      test_dense(cs, dt);
+      test_conv1ch_delta(cs, dt);
+    }
     test_ce(6, 5, 4, 9, dt, false);
     test_ce(17, 33, 10, 40, dt, false);
     test_ce(3, 4, 3, 5, dt, true);
