@@ -9,7 +9,8 @@
 #   info       python -m deepzero_kernels.info (device, backends, threads, budget)
 #   selftest   every fused kernel of every backend against the reference, float32 and float64
 #   kernels    tests/test_kernels.py on the device's targets (random and awkward shapes against the
-#              float64 definition; every output preallocated with NaN by the kernels' own tests)
+#              float64 definition; before each call the allocator's free memory is filled with NaN
+#              bytes, so an output element a kernel leaves unwritten shows)
 #   engine     the estimators' exactness tests (tests/test_cge.py, tests/test_precision.py)
 #   tf32       float32 CGE against the float64 loop with TF32 on and off (delta_precision.py --quick)
 #   bandwidth  a device-to-device copy: the memory roofline the kernels are held against

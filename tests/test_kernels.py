@@ -140,11 +140,27 @@ def dev_args(args: dict, target, dtype):
     return {k: conv(v) for k, v in args.items()}
 
 
+def poison_free_cuda_memory(device) -> None:
+    """Fill the CUDA caching allocator's free memory with all-ones bytes (NaN in float32 and
+    float64), so that a kernel output taken from it (``at::empty``) shows every element the kernel
+    leaves unwritten instead of a stale, possibly correct, value. The allocator serves a request
+    from its best-fitting free block: releasing the cache, then filling blocks of every size class
+    from 512 B to 64 MiB, three of each (they take the free gaps of live segments first), leaves
+    almost only poisoned blocks to serve from."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    held = [torch.full((1 << shift,), 255, dtype=torch.uint8, device=device)
+            for shift in range(9, 27) for _ in range(3)]
+    del held
+
+
 def conforms(kern, target, name, args, naive, dtype, floor=0.0, tol=None):
     """The matrix's rule: kernel ``name`` of the target on ``args`` (moved to the target's device and
     ``dtype``) matches the reference backend on the same arguments and, in float64, the naive
-    definition ``naive``. Returns the output."""
+    definition ``naive``. On a GPU the output's memory is poisoned beforehand. Returns the output."""
     a = dev_args(args, target, dtype)
+    if target.device == "cuda":
+        poison_free_cuda_memory(target.device)
     out = getattr(kern, name)(**a)
     if target.backend != "reference":
         assert_matches(out, getattr(kernels.get("reference"), name)(**a), tol or TOL[dtype], floor)
