@@ -29,7 +29,7 @@ from .graph import (DROPOUT_FUNCS, affected_nodes, dropout_active, functionalize
 from .kernels import get as get_kernels
 from .kernels.validate import trusted_indices
 from .ops import check_count, resolve_backend
-from .precision import check_delta_precision, full_fp32
+from .precision import check_base_precision, check_delta_precision, full_fp32
 
 __all__ = ["DeltaEngine", "EngineReport", "PartialMismatch", "PartialRun", "per_sample_cross_entropy", "default_memory_budget",
            "query_loss"]
@@ -138,6 +138,7 @@ class EngineReport:
     perturbations: int = 0
     fallback: dict = field(default_factory=dict)
     whole_model: int = 0
+    base_note: str = ""  # why a requested float64 base pass was not used ('' when it was, or not asked)
 
     @property
     def fast(self) -> bool:
@@ -149,11 +150,14 @@ class EngineReport:
             return (f"{self.perturbations} perturbations on whole-model forwards (exact, slow): {self.reason}")
         head = f"{self.perturbations} perturbations by delta rules"
         if self.fast:
-            return head + ", no fallback"
+            return head + ", no fallback" + (f"; base pass in the model's dtype ({self.base_note})"
+                                             if self.base_note else "")
         parts = [f"{n}: {k}" for n, k in sorted(self.fallback.items(), key=lambda kv: -kv[1])]
         text = head + (f"; per-node fallback (evaluations) at {', '.join(parts)}" if parts else "")
         if self.whole_model:
             text += f"; {self.whole_model} perturbations of parameters outside the trace by whole-model forwards"
+        if self.base_note:
+            text += f"; base pass in the model's dtype ({self.base_note})"
         return text
 
 
@@ -252,6 +256,43 @@ class PartialRun:
         """Rows [0, done) of ``name`` are final; the chunks go on with length ``chunk``. One store:
         an interrupt sees the old entry or the new one."""
         self.progress[name] = (done, chunk)
+
+
+_MISMATCH = object()
+
+
+def _widen(v):
+    """``v`` with its floating tensors in float64 (others as they are)."""
+    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64:
+        return v.double()
+    return v
+
+
+def _below_fp64(v) -> bool:
+    if isinstance(v, (tuple, list)):
+        return any(_below_fp64(e) for e in v)
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64
+
+
+def _round_like(wide, v):
+    """The float64 pass's value ``wide`` rounded to the dtype of the model's value ``v``;
+    ``_MISMATCH`` when the two differ in structure (type, shape, non-floating dtype)."""
+    if isinstance(v, torch.Tensor):
+        if not isinstance(wide, torch.Tensor) or wide.shape != v.shape or wide.device != v.device:
+            return _MISMATCH
+        if v.is_floating_point():
+            return wide.to(v.dtype) if wide.is_floating_point() else _MISMATCH
+        return wide if wide.dtype == v.dtype else _MISMATCH
+    if isinstance(v, (tuple, list)):
+        if type(wide) is not type(v) or len(wide) != len(v):
+            return _MISMATCH
+        out = [_round_like(w, e) for w, e in zip(wide, v)]
+        if any(o is _MISMATCH for o in out):
+            return _MISMATCH
+        if all(o is e for o, e in zip(out, v)):
+            return v
+        return type(v)(*out) if hasattr(v, "_fields") else type(v)(out)
+    return v
 
 
 class _Selected(nn.Module):
@@ -403,6 +444,10 @@ class DeltaEngine:
         delta_precision: ``"fp32"`` (default), ``"tf32"`` or ``"bf16"``: the precision of the
             linear maps (conv, linear) applied to deltas of a float32 model. Everything else runs
             in full float32 whatever torch's TF32 flags say (:mod:`deepzero_kernels.precision`).
+        base_precision: ``"fp64"`` (default): the base values the deltas are taken around are
+            computed in float64 and rounded once to the model's dtype (one extra forward per call;
+            a float32 base pass limits float32 estimates to ~1e-4 relative on deep BatchNorm
+            networks); ``"model"``: the model's own pass. Float64 models have one pass either way.
 
     Exactness guards, on every call: the model's structure is compared with the traced one
     (re-trace on any change); the engine's base output must equal an eager ``model(x)``
@@ -412,7 +457,7 @@ class DeltaEngine:
 
     def __init__(self, model: nn.Module, loss_fn=None, *, memory_budget: int | None = None,
                  chunk_size: int | None = None, backend: str = "auto", output_fn=None, strategy: str = "delta",
-                 delta_precision: str = "fp32"):
+                 delta_precision: str = "fp32", base_precision: str = "fp64"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if loss_fn is not None and not callable(loss_fn):
@@ -434,6 +479,8 @@ class DeltaEngine:
         self.chunk_size = chunk_size
         self.strategy = strategy
         self.delta_precision = check_delta_precision(delta_precision)
+        self.base_precision = check_base_precision(base_precision)
+        self._wide = None  # during the float64 base pass: module name -> its float64 state
         # Injection point: a kernels object (the interface of ``kernels.get(name)``) that runs the
         # fused chains whatever ``backend`` resolves to; tests use it to count launches.
         self.kernels = None
@@ -497,15 +544,18 @@ class DeltaEngine:
         if is_inplace(node, mod) and args and isinstance(args[0], torch.Tensor):
             args = (args[0].clone(),) + tuple(args[1:])
         if node.op == "call_module":
+            wide = self._wide_state(node.target, mod) if self._wide is not None else None
             if isinstance(mod, nn.modules.batchnorm._BatchNorm) and rules.uses_batch_stats(mod):
                 # Batch statistics without touching the running buffers.
-                w, b = mod.weight, mod.bias
+                w, b = (mod.weight, mod.bias) if wide is None else (wide.get("weight"), wide.get("bias"))
                 if override is not None:
                     w = override[1] if override[0] == "weight" else w
                     b = override[1] if override[0] == "bias" else b
                 return F.batch_norm(args[0], None, None, w, b, True, 0.0, mod.eps)
             if override is not None:
                 return torch.func.functional_call(mod, {override[0]: override[1]}, args, kwargs)
+            if wide is not None:
+                return torch.func.functional_call(mod, wide, args, kwargs)
             return mod(*args, **kwargs)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
@@ -514,9 +564,8 @@ class DeltaEngine:
         if node.op == "get_attr":
             if override is not None:
                 return override[1]
-            if node.target in self._constants:
-                return self._constants[node.target]
-            return _resolve(self.root, node.target)
+            v = self._constants[node.target] if node.target in self._constants else _resolve(self.root, node.target)
+            return v if self._wide is None else _widen(v)
         raise RuntimeError(f"cannot evaluate node {node.op} {node.target}")
 
     def base_pass(self, graph: fx.Graph, x: torch.Tensor) -> dict:
@@ -524,6 +573,36 @@ class DeltaEngine:
         interp = _BasePass(self, graph)
         interp.run(x)
         return interp.env
+
+    def _wide_state(self, target: str, mod: nn.Module) -> dict:
+        """Float64 copies of a module's floating parameters and buffers, made once per pass."""
+        if target not in self._wide:
+            self._wide[target] = {n: _widen(t) for n, t in (*mod.named_parameters(), *mod.named_buffers())}
+        return self._wide[target]
+
+    def _widened_base(self, graph: fx.Graph, x: torch.Tensor, base: dict) -> dict:
+        """``base`` recomputed in float64 and rounded once to each value's dtype (see
+        ``base_precision``). Kept as it is when nothing in it is below float64, or, with the reason in
+        ``last_report.base_note``, when the float64 pass fails (an op that refuses mixed dtypes)
+        or gives values of another structure: the model's own pass is exact, only less precise."""
+        if not any(_below_fp64(v) for v in base.values()):
+            return base
+        self._wide = {}
+        try:
+            wide = self.base_pass(graph, _widen(x))
+        except Exception as e:  # noqa: BLE001 - any failure of the optional pass keeps the exact one
+            self.last_report.base_note = f"the float64 pass failed: {type(e).__name__}: {e}"[:300]
+            return base
+        finally:
+            self._wide = None
+        out = {}
+        for n, v in base.items():
+            r = _round_like(wide.get(n), v)
+            if r is _MISMATCH:
+                self.last_report.base_note = f"the float64 pass gave another structure at node {n.name}"
+                return base
+            out[n] = r
+        return out
 
     # ------------------------------------------------------------------ perturbation sources
     def _source_delta(self, p: _Pass, node: Node, path: str | None, param: torch.Tensor, idx: torch.Tensor,
@@ -650,6 +729,8 @@ class DeltaEngine:
                     base = self.base_pass(tr.graph, x)
                     yb = base[next(n for n in tr.graph.nodes if n.op == "output")]
                     if isinstance(yb, torch.Tensor) and yb.shape == reference.shape and torch.equal(yb, reference):
+                        if self.base_precision == "fp64":
+                            base = self._widened_base(tr.graph, x, base)
                         return self._run_traced(tr.graph, base, x, targets, coords, mu, on_chunk, partial)
                     why = "the traced forward does not reproduce model(x) bitwise"
                 self._warn_once(why, f"{why}; using the exact but slower batched functional evaluation.")
@@ -659,7 +740,7 @@ class DeltaEngine:
     def _setup(self, path: str) -> dict:  # path: the backend of the delta rules, or "functional"
         """What decides how an estimate is chunked and rounded (a partial estimate must match it)."""
         return {"backend": path, "memory_budget": self.memory_budget, "chunk_size": self.chunk_size,
-                "delta_precision": self.delta_precision}
+                "delta_precision": self.delta_precision, "base_precision": self.base_precision}
 
     def _check_coords(self, coords: dict) -> None:
         """Names of trainable parameters, 1-D int64 flat indices in range (one sync per parameter)."""

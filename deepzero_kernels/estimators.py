@@ -200,6 +200,9 @@ class CGE(_Estimator):
             linear maps applied to the perturbations' deltas of a float32 model; the values (base
             pass, nonlinear layers) always run in full float32, TF32 flags or not. See the README's
             error model.
+        base_precision: ``"fp64"`` (default) or ``"model"``: the base pass the deltas are taken
+            around, in float64 rounded once to the model's dtype, or in the model's dtype (see
+            :class:`~deepzero_kernels.engine.DeltaEngine`).
 
     After :meth:`estimate`, ``last_loss`` (mean unperturbed loss), ``last_output`` (unperturbed
     outputs) and ``num_perturbations`` (running total) describe the work done. Loss queries:
@@ -211,14 +214,14 @@ class CGE(_Estimator):
     """
 
     def __init__(self, model, loss_fn=None, mu=5e-3, *, backend="auto", memory_budget=None, chunk_size=None,
-                 output_fn=None, strategy="delta", delta_precision="fp32"):
+                 output_fn=None, strategy="delta", delta_precision="fp32", base_precision="fp64"):
         super().__init__(model, loss_fn, mu)
         p = next(model.parameters(), None)
         resolve_backend(backend, p.device if p is not None else None)  # fail early on an unknown name
         self.backend = backend
         self.engine = DeltaEngine(model, loss_fn, memory_budget=memory_budget, chunk_size=chunk_size,
                                   backend=backend, output_fn=output_fn, strategy=strategy,
-                                  delta_precision=delta_precision)
+                                  delta_precision=delta_precision, base_precision=base_precision)
 
     @property
     def last_report(self):

@@ -44,7 +44,7 @@ RESUME_FREE = {"resume", "out", "progress", "progress_interval", "threads", "dev
 # resumed run takes the saved values unless the command line gives others.
 NUMERICS_FLAGS = ("backend", "memory_budget")
 # Flags added after the checkpoint format was fixed: what runs that predate them used.
-ADDED_FLAGS = {"delta_precision": "fp32"}
+ADDED_FLAGS = {"delta_precision": "fp32", "base_precision": "model"}
 # torchrun settings: flag, else environment variable, else default (see dist_setting)
 DIST_ENV = {"dist_timeout": ("DZ_DIST_TIMEOUT", float, 300.0), "check_every": ("DZ_CHECK_EVERY", int, 10)}
 # The generators are seeded with seed * 1000 + i (i < 5), which torch takes as a 64-bit number.
@@ -141,6 +141,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
                    help="fused-op backend of the estimators")
     g.add_argument("--delta-precision", choices=("fp32", "tf32", "bf16"), default=d("fp32"),
                    help="precision of the conv/linear maps CGE applies to perturbation deltas (values always fp32)")
+    g.add_argument("--base-precision", choices=("fp64", "model"), default=d("fp64"),
+                   help="CGE's base pass, which the deltas are taken around: float64 rounded once to the model's "
+                        "dtype (accurate float32 estimates, one extra forward per step) or the model's dtype")
     g.add_argument("--memory-budget", type=int, default=d(None), metavar="BYTES",
                    help="bytes one chunk of CGE perturbations may use (default: engine's choice)")
     g = p.add_argument_group("optimisation")
@@ -1012,7 +1015,7 @@ def project_cost(cfg: dict, model: nn.Module, ds: D.Dataset, device, densities: 
     est = cfg["estimator"]
     if est == "cge":
         cge = CGE(model, mu=cfg["mu"], backend=cfg["backend"], memory_budget=cfg["memory_budget"],
-                  delta_precision=cfg.get("delta_precision", "fp32"))
+                  delta_precision=cfg.get("delta_precision", "fp32"), base_precision=cfg.get("base_precision", "model"))
         g = torch.Generator().manual_seed(0)
         frac = 1.0 if d_active <= _CALIBRATION_FULL_STEP else _CALIBRATION_PERTURBATIONS / d_active
         masks, n_cal = {}, 0
@@ -1094,7 +1097,7 @@ def build_estimator(cfg: dict, model: nn.Module, densities: Optional[dict] = Non
     if cfg["estimator"] == "rge":
         return RGE(model, mu=cfg["mu"], q=cfg["q"] or d_active, scale="unbiased"), d_active
     kw = {"mu": cfg["mu"], "backend": cfg["backend"], "memory_budget": cfg["memory_budget"],
-          "delta_precision": cfg.get("delta_precision", "fp32")}
+          "delta_precision": cfg.get("delta_precision", "fp32"), "base_precision": cfg.get("base_precision", "model")}
     if distributed:
         from .distributed import DistributedCGE
         return DistributedCGE(model, check_every=dist_setting(cfg, "check_every"), **kw), d_active

@@ -71,6 +71,10 @@ def test_delta_precision_flag_reaches_the_estimator(tmp_path):
     cfg, _ = train.parse_args(TINY + ["--estimator", "cge", "--delta-precision", "bf16", "--out", str(tmp_path / "r")])
     est, _ = train.build_estimator(cfg, train.build_model("cnn", in_channels=1, width=4))
     assert est.engine.delta_precision == "bf16"
+    assert est.engine.base_precision == "fp64"  # the default
+    cfg, _ = train.parse_args(TINY + ["--estimator", "cge", "--base-precision", "model", "--out", str(tmp_path / "m")])
+    est, _ = train.build_estimator(cfg, train.build_model("cnn", in_channels=1, width=4))
+    assert est.engine.base_precision == "model"
 
 
 def _final_weights(out):

@@ -1,6 +1,7 @@
-"""Accuracy of float32 CGE against the float64 naive loop (issue 14): the engine's delta arithmetic,
-the paper's loop in float32, and both with TF32 emulated on the CPU (inputs and weights of every
-convolution rounded to a 10-bit mantissa, as cuDNN does by default on NVIDIA GPUs).
+"""Accuracy of float32 CGE against the float64 naive loop (issue 14): the engine's delta arithmetic
+around a float64 base pass (the default) and around the model's float32 one, the paper's loop in
+float32, and both with TF32 emulated on the CPU (inputs and weights of every convolution rounded to
+a 10-bit mantissa, as cuDNN does by default on NVIDIA GPUs).
 
 For each model (train mode, random 32x32 batch) a set of coordinates is drawn from one middle
 layer and from every layer; the reference is the float64 naive loop (perturb, full forward,
@@ -108,8 +109,11 @@ def measure(name, batch, n_middle, n_all, mu, seed, backend):
     for label, coords in (("middle", mid), ("all_layers", spread)):
         t0 = time.perf_counter()
         ref = naive(m64, x.double(), y, mu, coords)
-        res = {"n": len(coords), "engine_fp32": relnorm(engine(model, x, y, mu, coords, backend=backend), ref),
-               "loop_fp32": relnorm(naive(model, x, y, mu, coords), ref)}
+        res = {"n": len(coords), "engine_fp32": relnorm(engine(model, x, y, mu, coords, backend=backend), ref)}
+        if "base_precision" in CGE.__init__.__code__.co_varnames:  # newer than the first issue-14 version
+            res["engine_fp32_fp32_base"] = relnorm(
+                engine(model, x, y, mu, coords, backend=backend, base_precision="model"), ref)
+        res["loop_fp32"] = relnorm(naive(model, x, y, mu, coords), ref)
         if emulated_tf32 is not None:
             with emulated_tf32():
                 for prec in ("tf32", "bf16"):
