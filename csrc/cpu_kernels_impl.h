@@ -70,6 +70,16 @@ struct ValuesSrc {
   const T* plane(int64_t b, int64_t k, T*) const { return v + (b * K + k) * HW; }
 };
 
+// planes[b] = the delta plane (b, k) for every sample, computed planes written to buf (B * HW); a
+// source that computes all samples' planes better at once has fill_all.
+template <typename T, typename Src>
+void fill_planes(const Src& src, int64_t B, int64_t HW, int64_t k, T* buf, const T** planes) {
+  if constexpr (requires { src.fill_all(k, buf, planes); })
+    src.fill_all(k, buf, planes);
+  else
+    for (int64_t b = 0; b < B; ++b) planes[b] = src.plane(b, k, buf + b * HW);
+}
+
 // ... or gathered from the conv input: mu * x[b, c[k], i*sh + oh[k], j*sw + ow[k]], zero outside.
 template <typename T>
 struct GatherSrc {
@@ -220,23 +230,19 @@ void run_onech(const OneChArgs<T>& a, const Src& src) {
     {
       // All B delta planes of one perturbation stay in this buffer (B*H*W, cache-sized at the
       // suite's sizes), so the apply pass reuses the statistics pass's gather instead of redoing it.
-      std::vector<T> dbuf(stats ? B * HW : HW), t(HW), rm(a.W), ob(a.gavg ? HW : 0);
+      std::vector<T> dbuf(B * HW), t(HW), rm(a.W), ob(a.gavg ? HW : 0);
       std::vector<const T*> planes(B);
       std::vector<double> part(3 * B);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t k = 0; k < K; ++k) {
         BnCoef cf{0, 0, 0};
+        fill_planes(src, B, HW, k, dbuf.data(), planes.data());
         if (stats) {
           const T* xh = a.xhat + a.ch[k] * HW;
-          for (int64_t b = 0; b < B; ++b) {
-            planes[b] = src.plane(b, k, dbuf.data() + b * HW);
-            moments(planes[b], xh + b * a.C * HW, HW, &part[3 * b]);
-          }
+          for (int64_t b = 0; b < B; ++b) moments(planes[b], xh + b * a.C * HW, HW, &part[3 * b]);
           cf = onech_coef(a, k, part.data());
-          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, planes[b], cf, t.data(), rm.data(), ob.data());
-        } else {
-          for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, src.plane(b, k, dbuf.data()), cf, t.data(), rm.data(), ob.data());
         }
+        for (int64_t b = 0; b < B; ++b) onech_apply(a, k, b, planes[b], cf, t.data(), rm.data(), ob.data());
       }
     }
   } else {
@@ -324,37 +330,60 @@ struct Conv1chPlaneSrc {
   const int64_t* ch;
   int64_t B, K, Cout, Cin, H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
   uint64_t call;  // unique per launch: keys the per-thread padded copy
+  struct Cache {
+    uint64_t call = 0;
+    int64_t k = -1;
+    std::vector<T> pad, run;
+  };
+  bool flat() const { return sh == 1 && sw == 1 && kh * kw <= 64; }
+  // The B zero-padded input planes of perturbation k, stacked (kept per thread for its consecutive
+  // items (k, co) of one call).
+  Cache& padded(int64_t k) const {
+    static thread_local Cache cache;
+    const int64_t Hq = H + 2 * ph, Wq = W + 2 * pw;
+    if (cache.call != call || cache.k != k) {
+      cache.pad.assign(B * Hq * Wq, T(0));
+      for (int64_t bb = 0; bb < B; ++bb) {
+        const T* __restrict src = delta + (bb * K + k) * H * W;
+        T* __restrict q = cache.pad.data() + bb * Hq * Wq + ph * Wq + pw;
+        for (int64_t r = 0; r < H; ++r)
+          for (int64_t j = 0; j < W; ++j) q[r * Wq + j] = src[r * W + j];
+      }
+      cache.call = call, cache.k = k;
+    }
+    return cache;
+  }
+  // Conv of planes [b0, b0 + nb) of the padded stack at the padded pitch into cache.run, then the
+  // (Ho, Wo) outputs to buf. The run stops after the last plane's last output: (nb - 1) planes and
+  // (Ho - 1) rows at the padded pitch plus Wo (outputs that straddle a border are dropped).
+  void flat_run(Cache& c, int64_t b0, int64_t nb, const T* wt, T* __restrict buf) const {
+    const int64_t Hq = H + 2 * ph, Wq = W + 2 * pw, n = (nb - 1) * Hq * Wq + (Ho - 1) * Wq + Wo;
+    const T* p[64];
+    const T* padb = c.pad.data() + b0 * Hq * Wq;
+    for (int64_t u = 0; u < kh; ++u)
+      for (int64_t v = 0; v < kw; ++v) p[u * kw + v] = padb + u * dh * Wq + v * dw;
+    if (int64_t(c.run.size()) < n) c.run.resize(n);
+    taps_any(p, wt, kh * kw, n, c.run.data());
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t i = 0; i < Ho; ++i)
+        for (int64_t j = 0; j < Wo; ++j) buf[(b * Ho + i) * Wo + j] = c.run[b * Hq * Wq + i * Wq + j];
+  }
+  // All B planes of item at once: one long vectorised run over the stack instead of B short ones.
+  void fill_all(int64_t item, T* buf, const T** planes) const {
+    const int64_t k = item / Cout, co = item % Cout;
+    for (int64_t b = 0; b < B; ++b) planes[b] = buf + b * Ho * Wo;
+    if (!flat()) {
+      for (int64_t b = 0; b < B; ++b) plane(b, item, buf + b * Ho * Wo);
+      return;
+    }
+    flat_run(padded(k), 0, B, weight + (co * Cin + ch[k]) * kh * kw, buf);
+  }
   const T* plane(int64_t b, int64_t item, T* __restrict buf) const {
     const int64_t k = item / Cout, co = item % Cout;
     const T* __restrict in = delta + (b * K + k) * H * W;
     const T* wt = weight + (co * Cin + ch[k]) * kh * kw;
-    if (sh == 1 && sw == 1 && kh * kw <= 64) {
-      struct Cache {
-        uint64_t call = 0;
-        int64_t k = -1;
-        std::vector<T> pad, run;
-      };
-      static thread_local Cache cache;
-      const int64_t Hq = H + 2 * ph, Wq = W + 2 * pw;
-      if (cache.call != call || cache.k != k) {  // the B padded planes of perturbation k
-        cache.pad.assign(B * Hq * Wq, T(0));
-        for (int64_t bb = 0; bb < B; ++bb) {
-          const T* __restrict src = delta + (bb * K + k) * H * W;
-          T* __restrict q = cache.pad.data() + bb * Hq * Wq + ph * Wq + pw;
-          for (int64_t r = 0; r < H; ++r)
-            for (int64_t j = 0; j < W; ++j) q[r * Wq + j] = src[r * W + j];
-        }
-        cache.run.resize(Ho * Wq);
-        cache.call = call, cache.k = k;
-      }
-      const T* p[64];
-      const T* padb = cache.pad.data() + b * Hq * Wq;
-      for (int64_t u = 0; u < kh; ++u)
-        for (int64_t v = 0; v < kw; ++v) p[u * kw + v] = padb + u * dh * Wq + v * dw;
-      // Outputs at the padded pitch: the last rows would read past the copy, so run (Ho - 1) * Wq + Wo.
-      taps_any(p, wt, kh * kw, (Ho - 1) * Wq + Wo, cache.run.data());
-      for (int64_t i = 0; i < Ho; ++i)
-        for (int64_t j = 0; j < Wo; ++j) buf[i * Wo + j] = cache.run[i * Wq + j];
+    if (flat()) {
+      flat_run(padded(k), b, 1, wt, buf);
       return buf;
     }
     for (int64_t e = 0; e < Ho * Wo; ++e) buf[e] = T(0);
