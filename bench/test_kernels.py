@@ -7,9 +7,12 @@ Cases (``kernels-<chain>``), at the suite's standard sizes (batch 64):
 * ``cnn_chain1``: App. B CNN first conv, K weight perturbations: gather -> BatchNorm (batch
   statistics) -> ReLU -> max pool (``conv_delta_chain``);
 * ``cnn_chain2``: the same delta through the second conv -> BatchNorm -> ReLU -> max pool ->
-  global average (``conv1ch_chain``);
+  global average, on values (``conv1ch_chain``); ``cnn_chain2_delta``: the same on deltas, as the
+  engine runs it (``conv1ch_delta_chain``);
 * ``resnet_chain1`` / ``resnet_chain2``: ResNet-20's last stage (64 channels, 8x8): the block's
   first conv with BN and ReLU, then its second conv with BN, residual, ReLU, global average;
+  ``resnet_chain2_delta``: that second conv with BN (as deltas; the engine's chain stops before the
+  residual add);
 * ``bn_dense``: per-perturbation BatchNorm + residual + ReLU on a dense (B, K, 64, 8, 8) batch;
 * ``fc_ce``: every weight of ResNet-20's classifier to the closed-form cross-entropy change.
 
@@ -29,7 +32,8 @@ import workloads as W
 SIZES = {"quick": dict(batch=4, image=8, width=4, c3=8, k=4),
          "default": dict(batch=64, image=32, width=16, c3=64, k=64),
          "full": dict(batch=64, image=32, width=16, c3=64, k=128)}
-CASES = ["cnn_chain1", "cnn_chain2", "resnet_chain1", "resnet_chain2", "bn_dense", "fc_ce"]
+CASES = ["cnn_chain1", "cnn_chain2", "cnn_chain2_delta", "resnet_chain1", "resnet_chain2", "resnet_chain2_delta",
+         "bn_dense", "fc_ce"]
 _CACHE = {}
 
 
@@ -75,13 +79,28 @@ def build(case, mode):
     g = torch.Generator().manual_seed(0)
     b, k = S["batch"], S["k"]
     r = lambda *s: torch.randn(*s, generator=g).to(dev)  # noqa: E731
-    if case in ("cnn_chain1", "cnn_chain2"):
+    if case in ("cnn_chain1", "cnn_chain2", "cnn_chain2_delta"):
         wd, img = S["width"], S["image"]
         x = r(b, 3, img, img)
         w1 = r(wd, 3, 3, 3)
         args, nbytes, st = _conv_source_args(x, w1, k, True, g)
         if case == "cnn_chain1":
             out = ("conv_delta_chain", args, nbytes)
+        elif case == "cnn_chain2_delta":
+            delta = chain1_output(args)
+            w2 = r(wd, wd, 3, 3)
+            z2 = F.conv2d(args["pool_base"], w2, None, 1, 1)
+            pre2 = F.batch_norm(z2, None, None, None, None, True, 0.0, 1e-5).contiguous()
+            x_hat, inv = _bn_stats(z2)
+            bw = torch.rand(wd, generator=g).to(dev) + 0.5
+            pooled = F.max_pool2d(F.relu(pre2), 2, 2, ceil_mode=True).contiguous()
+            dargs = dict(delta=delta, channel=st["o"], weight=w2, conv=pad1,
+                         bn=BnArgs.batch(bw, xhat=x_hat, inv_std=inv), relu_base=pre2, pool=PoolArgs(2, 2),
+                         pool_base=pooled, global_avg=True)
+            hw = delta.shape[2] * delta.shape[3]
+            # per item (k, c_out): the delta plane, x_hat and the ReLU input read, the pool base, one mean out
+            nbytes = x.element_size() * b * k * (hw + wd * (2 * hw + hw // 4) + wd)
+            out = ("conv1ch_delta_chain", dargs, nbytes)
         else:
             delta = chain1_output(args)
             w2 = r(wd, wd, 3, 3)
@@ -92,7 +111,7 @@ def build(case, mode):
             hw = delta.shape[2] * delta.shape[3]
             nbytes = x.element_size() * b * k * (hw + wd * hw + wd)
             out = ("conv1ch_chain", cargs, nbytes)
-    elif case in ("resnet_chain1", "resnet_chain2", "bn_dense"):
+    elif case in ("resnet_chain1", "resnet_chain2", "resnet_chain2_delta", "bn_dense"):
         c = S["c3"]
         hw = S["image"] // 4
         x = F.relu(r(b, c, hw, hw))
@@ -104,6 +123,13 @@ def build(case, mode):
         bw, bb = torch.rand(c, generator=g).to(dev) + 0.5, r(c)
         if case == "resnet_chain1":
             out = ("conv_delta_chain", args, nbytes)
+        elif case == "resnet_chain2_delta":
+            delta = chain1_output(args)
+            x_hat, inv = _bn_stats(z2)
+            dargs = dict(delta=delta, channel=st["o"], weight=w2, conv=pad1,
+                         bn=BnArgs.batch(bw, xhat=x_hat, inv_std=inv))
+            nbytes = x.element_size() * b * k * (hw * hw + 2 * c * hw * hw)
+            out = ("conv1ch_delta_chain", dargs, nbytes)
         elif case == "resnet_chain2":
             delta = chain1_output(args)
             cargs = dict(delta=delta, channel=st["o"], weight=w2, base_out=z2, conv=pad1,
@@ -137,9 +163,9 @@ def min_flops(name: str, args: dict) -> int:
         b, k = args["x"].shape[0], args["src_channel"].numel()
         h, w = args["out_size"]
         return 13 * b * k * h * w  # the gather's multiply by mu, then 12 per element
-    if name == "conv1ch_chain":
-        (b, k, _, _), (c_out, _, kh, kw) = args["delta"].shape, args["weight"].shape
-        ho, wo = args["base_out"].shape[2:]
+    if name in ("conv1ch_chain", "conv1ch_delta_chain"):
+        (b, k, h, w), (c_out, _, kh, kw) = args["delta"].shape, args["weight"].shape
+        ho, wo = args["base_out"].shape[2:] if "base_out" in args else (h, w)  # the suite's convs keep the size
         return b * k * c_out * ho * wo * (2 * kh * kw + 12)
     if name == "bn_act_dense":
         return 12 * args["values"].numel()
