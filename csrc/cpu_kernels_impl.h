@@ -178,10 +178,37 @@ void onech_apply_to(const OneChArgs<T>& a, int64_t k, int64_t b, const T* __rest
   // The window's change from its base output m0 (relu of the base input's max, >= 0): with
   // g = (x0 - m0) + d per element (x0 - m0 <= 0, exact where it matters) and G = max g over the
   // window, relu(max(x0 + d)) - m0 = max(G, -m0). No pooled values are subtracted.
+  auto nanmax = [](T u, T v) { return (v > u || v != v) ? v : u; };  // max_pool_plane's order
+  if (a.pk == 2 && a.ps == 2) {  // the common 2x2/2 pool: one pass, each window in registers
+    for (int64_t ip = 0; ip < a.Hp; ++ip) {
+      const int64_t r0 = 2 * ip;
+      const bool two = r0 + 1 < a.H;
+      const T *__restrict t0 = t + r0 * a.W, *__restrict x00 = x0 + r0 * a.W;
+      const T *__restrict t1 = two ? t0 + a.W : t0, *__restrict x01 = two ? x00 + a.W : x00;
+      const T* __restrict pr = pb + ip * a.Wp;
+      T* __restrict orow = o + ip * a.Wp;
+      for (int64_t jp = 0; jp < a.W / 2; ++jp) {
+        const T m = pr[jp];
+        const int64_t j = 2 * jp;
+        const T g0 = nanmax((x00[j] - m) + t0[j], (x01[j] - m) + t1[j]);
+        const T g1 = nanmax((x00[j + 1] - m) + t0[j + 1], (x01[j + 1] - m) + t1[j + 1]);
+        const T g = nanmax(g0, g1);
+        orow[jp] = g > -m || g != g ? g : -m;
+      }
+      if (a.W & 1) {  // the clipped last window: one column
+        const T m = pr[a.Wp - 1];
+        const int64_t j = a.W - 1;
+        const T g = nanmax((x00[j] - m) + t0[j], (x01[j] - m) + t1[j]);
+        orow[a.Wp - 1] = g > -m || g != g ? g : -m;
+      }
+    }
+    return;
+  }
   if (a.pk == a.ps && a.W <= 1024) {  // non-overlapping windows: g per element, then a plain max pool
     T mrow[1024];  // m0 of each column's window, for the rows of one pooled row
     for (int64_t ip = 0; ip < a.Hp; ++ip) {
-      for (int64_t j = 0; j < a.W; ++j) mrow[j] = pb[ip * a.Wp + j / a.ps];
+      for (int64_t jp = 0; jp < a.Wp; ++jp)
+        for (int64_t j = jp * a.ps; j < imin(jp * a.ps + a.ps, a.W); ++j) mrow[j] = pb[ip * a.Wp + jp];
       for (int64_t i = ip * a.ps; i < imin(ip * a.ps + a.ps, a.H); ++i) {
         T* __restrict ti = t + i * a.W;
         const T* __restrict xi = x0 + i * a.W;
