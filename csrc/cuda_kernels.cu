@@ -521,11 +521,15 @@ namespace {
 
 unsigned blocks_for(int64_t n, int threads) { return unsigned((n + threads - 1) / threads); }
 
-// The slicing of an item of n elements (see cuda::Slices); its sizes must fit the kernels' 32-bit
-// in-plane indices and the grid's y dimension.
-cuda::Slices slices_for(int64_t n, int64_t per_block = chain_slice_elems) {
+// The kernels index inside an item with 32-bit ints: every per-item size must fit.
+void check_int32(int64_t n) {
   TORCH_CHECK(n < (int64_t(1) << 31), "deepzero CUDA kernels: ", n,
               " elements per perturbation exceed their 32-bit indexing; use a smaller batch or the torch backend");
+}
+
+// The slicing of an item of n elements (see cuda::Slices): at most 65535 slices (the grid's y).
+cuda::Slices slices_for(int64_t n, int64_t per_block = chain_slice_elems) {
+  check_int32(n);
   int64_t len = std::max<int64_t>(per_block, (n + 65534) / 65535);
   len = std::max<int64_t>(1, std::min(len, n));
   return cuda::Slices{int(n), int(std::max<int64_t>(1, (n + len - 1) / len)), int(len)};
@@ -535,11 +539,10 @@ void check_items(int64_t items) {
   TORCH_CHECK(items < (int64_t(1) << 31), "deepzero CUDA kernels: ", items, " work items exceed the grid");
 }
 
-// 32-bit convolution geometry (every size is below the 32-bit limit checked by slices_for).
+// 32-bit convolution geometry.
 cuda::ConvGeom conv_geom(int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                          int64_t pw, int64_t dh, int64_t dw, int64_t Wo) {
-  for (int64_t v : {H, W, kh, kw, sh, sw, ph, pw, dh, dw, Wo, H * W})
-    TORCH_CHECK(v < (int64_t(1) << 30), "deepzero CUDA kernels: convolution size ", v, " too large");
+  for (int64_t v : {H * W, kh * kw, sh, sw, ph, pw, dh, dw, Wo}) check_int32(v);
   return cuda::ConvGeom{int(H), int(W), int(kh), int(kw), int(sh), int(sw), int(ph), int(pw), int(dh), int(dw), int(Wo)};
 }
 
@@ -596,7 +599,7 @@ void launch_dense(const DenseArgs<T>& a, const Src& src, const at::TensorOptions
     auto coefs = cuda::dense_coef_kernel<T>;
     DZ_LAUNCH_FLAT(coefs, blocks_for(items, 128), 128, 0, a, st.S, part.data_ptr<double>(), coef.data_ptr<double>());
   }
-  slices_for(a.B * HW);  // size check of the pre-pool planes
+  check_int32(a.B * HW);  // the pre-pool planes are indexed too
   // with the global average a block takes whole samples (about chain_slice_elems inputs)
   const cuda::Slices out_sl = a.gavg ? slices_for(a.B, std::max<int64_t>(1, chain_slice_elems / HW))
                                      : slices_for(a.B * HWp);
@@ -656,12 +659,13 @@ at::Tensor conv_delta_chain_cuda(const at::Tensor& x, const at::Tensor& src_chan
                                  const at::Tensor& pool_base) {
   DZ_DEVICE_GUARD(x);
   const int64_t B = x.size(0), K = src_channel.numel();
-  const cuda::ConvGeom g = conv_geom(x.size(2), x.size(3), 1, 1, stride_h, stride_w, 0, 0, 1, 1, w_out);
+  for (int64_t v : {x.size(2) * x.size(3), w_out, stride_h, stride_w}) check_int32(v);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_delta_chain_cuda", [&] {
     auto a = onech_args<scalar_t>(B, K, h_out, w_out, out_channel, bn_mode, bn_xhat, bn_inv_std, bn_weight,
                                   relu_base, pool_k, pool_s, pool_base, out, x.options());
-    cuda::GatherSrcD<scalar_t> src{x.data_ptr<scalar_t>(), x.size(1), g.H, g.W, g.Wo, g.sh, g.sw,
+    cuda::GatherSrcD<scalar_t> src{x.data_ptr<scalar_t>(), x.size(1), int(x.size(2)), int(x.size(3)), int(w_out),
+                                   int(stride_h), int(stride_w),
                                    src_channel.data_ptr<int64_t>(), off_h.data_ptr<int64_t>(),
                                    off_w.data_ptr<int64_t>(), scalar_t(mu)};
     launch_onech(a, src, x.options());

@@ -148,14 +148,14 @@ class EngineReport:
     def __str__(self) -> str:
         if self.path != "delta":
             return (f"{self.perturbations} perturbations on whole-model forwards (exact, slow): {self.reason}")
-        head = f"{self.perturbations} perturbations by delta rules"
+        text = f"{self.perturbations} perturbations by delta rules"
         if self.fast:
-            return head + ", no fallback" + (f"; base pass in the model's dtype ({self.base_note})"
-                                             if self.base_note else "")
-        parts = [f"{n}: {k}" for n, k in sorted(self.fallback.items(), key=lambda kv: -kv[1])]
-        text = head + (f"; per-node fallback (evaluations) at {', '.join(parts)}" if parts else "")
-        if self.whole_model:
-            text += f"; {self.whole_model} perturbations of parameters outside the trace by whole-model forwards"
+            text += ", no fallback"
+        else:
+            parts = [f"{n}: {k}" for n, k in sorted(self.fallback.items(), key=lambda kv: -kv[1])]
+            text += f"; per-node fallback (evaluations) at {', '.join(parts)}" if parts else ""
+            if self.whole_model:
+                text += f"; {self.whole_model} perturbations of parameters outside the trace by whole-model forwards"
         if self.base_note:
             text += f"; base pass in the model's dtype ({self.base_note})"
         return text
@@ -261,17 +261,16 @@ class PartialRun:
 _MISMATCH = object()
 
 
-def _widen(v):
-    """``v`` with its floating tensors in float64 (others as they are)."""
-    if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64:
-        return v.double()
-    return v
-
-
 def _below_fp64(v) -> bool:
+    """``v`` is, or holds, a floating tensor narrower than float64."""
     if isinstance(v, (tuple, list)):
         return any(_below_fp64(e) for e in v)
     return isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64
+
+
+def _widen(v):
+    """``v`` with its floating tensors in float64 (others as they are)."""
+    return v.double() if isinstance(v, torch.Tensor) and _below_fp64(v) else v
 
 
 def _round_like(wide, v):

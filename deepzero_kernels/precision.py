@@ -36,16 +36,18 @@ DELTA_PRECISIONS = ("fp32", "tf32", "bf16")
 BASE_PRECISIONS = ("fp64", "model")
 
 
-def check_delta_precision(value) -> str:
-    if value not in DELTA_PRECISIONS:
-        raise ValueError(f"delta_precision must be one of {DELTA_PRECISIONS}, got {value!r}")
+def _check_choice(name: str, value, choices: tuple) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def check_delta_precision(value) -> str:
+    return _check_choice("delta_precision", value, DELTA_PRECISIONS)
 
 
 def check_base_precision(value) -> str:
-    if value not in BASE_PRECISIONS:
-        raise ValueError(f"base_precision must be one of {BASE_PRECISIONS}, got {value!r}")
-    return value
+    return _check_choice("base_precision", value, BASE_PRECISIONS)
 
 
 def _flags():
