@@ -128,6 +128,9 @@ def build_summary(reg: W.Registry) -> dict:
                 if br.get("time_s"):
                     # same coordinates, same batch: time ratio = throughput ratio
                     e["speedup_vs"][b] = br["time_s"] / r["time_s"]
+                if br.get("matmul_flops") and r.get("matmul_flops"):
+                    # the same ratio in conv/matmul FLOPs: what the engine's arithmetic alone would give
+                    e.setdefault("flop_ratio_vs", {})[b] = br["matmul_flops"] / r["matmul_flops"]
                 if r.get("dense_time_s") and br.get("dense_time_s"):
                     e["dense_speedup_vs"][b] = br["dense_time_s"] / r["dense_time_s"]
             if r.get("dense_time_s"):
@@ -170,7 +173,8 @@ def format_table(s: dict) -> str:
                 f"{_fmt(r.get('efficiency'), '.2f'):>6} {_fmt(sv.get('reference')):>8} "
                 f"{_fmt(sv.get('no_reuse')):>9} {_fmt(sv.get('vmap')):>8} {_fmt(sv.get('fo')):>8} "
                 f"{_fmt(sv.get('loop')):>8}"
-                + (f"  fallback evals {r['fallback_evaluations']}" if "fallback_evaluations" in r else ""))
+                + (f"  fallback evals {r['fallback_evaluations']}" if "fallback_evaluations" in r else "")
+                + (f"  FLOPs x ref {_fmt(e['flop_ratio_vs'].get('reference'))}" if e.get("flop_ratio_vs") else ""))
         for m, e in wl["engine"].items():
             if e.get("dense_speedup_vs"):
                 d = e["dense_speedup_vs"]

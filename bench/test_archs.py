@@ -7,7 +7,10 @@ coordinate), on the same coordinates: a random sample of a 1 % random mask over 
 Groups are ``archs-<name>``: ``pytest bench/ --benchmark-only -k archs``. Each engine case also
 records the fallback evaluations of its :attr:`CGE.last_report` (zero for every architecture here)
 and is checked against a float64 run of the paper's strategy on a few coordinates, outside the timed
-region. Timings are never asserted.
+region. Every method also records ``matmul_flops``, the convolution and matrix-product FLOPs of one
+call (counted in an untimed extra call, :func:`workloads.matmul_flops`), so the summary shows how much
+of each time ratio is arithmetic the engine saves and how much is speed per FLOP. Timings are never
+asserted.
 """
 from __future__ import annotations
 
@@ -114,8 +117,16 @@ def test_archs(benchmark, arch, method, mode):
     if cge is not None:
         rep = cge.last_report
         info.update(fallback_evaluations=sum(rep.fallback.values()) + rep.whole_model, engine_path=rep.path)
-    benchmark.extra_info.update(info)
-    W.REGISTRY.set_group_info(group, **{k: v for k, v in info.items() if k not in ("fallback_evaluations", "engine_path")})
-    W.REGISTRY.record(group, method, time_s=t, rounds=rounds, n_pert=len(coords),
-                      **({k: info[k] for k in ("fallback_evaluations",)} if cge is not None else {}))
+    # The arithmetic each method does, counted outside the timed region: a naive loop runs the whole
+    # forward once per coordinate (and once for the base), so its count is that product.
+    if method == "no_reuse":
+        flops = (len(coords) + 1) * W.matmul_flops(lambda: model(x))
+    else:
+        flops = W.matmul_flops(fn)
+        if cge is not None:  # the counted call took the timed call's path
+            assert cge.last_report.path == info["engine_path"], cge.last_report
     model.load_state_dict(w["state"])
+    benchmark.extra_info.update(info, matmul_flops=flops)
+    W.REGISTRY.set_group_info(group, **{k: v for k, v in info.items() if k not in ("fallback_evaluations", "engine_path")})
+    W.REGISTRY.record(group, method, time_s=t, rounds=rounds, n_pert=len(coords), matmul_flops=flops,
+                      **({k: info[k] for k in ("fallback_evaluations",)} if cge is not None else {}))

@@ -11,6 +11,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import baselines as B
 
@@ -330,6 +332,35 @@ def measure_conv_rate(mode: str) -> dict:
         ts.sort()
         out[f"B{b}_C{cin}->{cout}_{hw}x{hw}"] = fl / ts[len(ts) // 2]
     return {"flops_per_s": max(out.values()), "shapes": out}
+
+
+# ----------------------------------------------------------------------------- FLOP counts
+class _MatmulFlops(TorchDispatchMode):
+    """Adds up the FLOPs of every convolution and matrix product that runs, by torch's own formulas
+    (``torch.utils.flop_counter.flop_registry``). Not ``FlopCounterMode``: its module tracker
+    registers global module hooks, and with those the engine (rightly) refuses its delta rules and
+    runs whole-model forwards, so the count would describe another path."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += int(formula(*args, **kwargs, out_val=out))
+        return out
+
+
+def matmul_flops(fn) -> int:
+    """Convolution and matrix-product FLOPs of one call of ``fn`` (run once more, untimed). The
+    native backend's own kernels (one-channel convolutions and chains) are not aten ops and are not
+    counted; the torch backend runs the same arithmetic through aten."""
+    with torch.no_grad(), _MatmulFlops() as counter:
+        fn()
+    return counter.flops
 
 
 # ----------------------------------------------------------------------------- registry
