@@ -557,8 +557,9 @@ class DataDependent(nn.Module):
 
 class MHAVariants(nn.Module):
     """(12c) nn.MultiheadAttention as users also call it: sequence-first (batch_first=False), a bool
-    causal mask, cross-attention (key/value from another tensor), the averaged attention weights
-    used downstream, a float mask and per-head weights."""
+    causal mask, cross-attention (key/value from another tensor, and of another length than the
+    query), the averaged attention weights used downstream, a float mask and per-head weights (two
+    heads weighted differently, so a delta in the wrong head shows)."""
 
     def __init__(self, dim=4, heads=2, classes=3):
         super().__init__()
@@ -566,6 +567,8 @@ class MHAVariants(nn.Module):
         self.ctx = nn.Linear(dim, dim)
         self.attn = nn.MultiheadAttention(dim, heads)                 # (T, B, E)
         self.cross = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.per_head = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.short = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.head = nn.Linear(dim + 4, classes)
         self.register_buffer("causal", torch.ones(4, 4, dtype=torch.bool).triu(1))
         self.register_buffer("bias", torch.linspace(-1.0, 1.0, 16).view(4, 4))
@@ -576,8 +579,10 @@ class MHAVariants(nn.Module):
         s = s + self.attn(s, s, s, attn_mask=self.causal, need_weights=False)[0]
         h = s.transpose(0, 1)
         o, w = self.cross(h, h, self.ctx(h), attn_mask=self.bias)  # weights averaged over heads
-        o2, w2 = self.cross(o, o, o, average_attn_weights=False)   # per-head weights
-        return self.head(torch.cat([o2.mean(1), w.mean(1) + w2.mean([1, 2])], 1))
+        o2, w2 = self.per_head(o, o, o, average_attn_weights=False)   # per-head weights
+        o3 = self.short(o2, h[:, 1:3], h[:, :2], need_weights=False)[0]  # 4 queries, 2 keys
+        o3 = o3 + self.cross(o3, o3, o3, need_weights=False)[0]      # a module applied twice
+        return self.head(torch.cat([o3.mean(1), w.mean(1) + w2[:, 0].mean(1) - 0.5 * w2[:, 1].mean(1)], 1))
 
 
 def _arch_case(make_model, b=4, s=8, classes=3):

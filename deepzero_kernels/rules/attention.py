@@ -90,6 +90,14 @@ def matmul(ctx, node):
     return DenseDelta(product_delta(ctx, fa, fb, da, db, torch.matmul))
 
 
+def base_attention(qb, kb, scale, mask):
+    """``softmax(q k^T * scale + mask)`` (a bool mask marks the positions attended to)."""
+    logits = qb @ kb.transpose(-2, -1) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    return torch.softmax(logits, -1)
+
+
 def _base_times_delta(ctx, a, d):
     """``a @ d[:, k]`` for every k: ``a`` a base stack ``(B, *mid, M, N)``, ``d`` deltas
     ``(B, K, *mid, N, P)``. The K deltas sit side by side as columns of one matrix, so ``a`` is not
@@ -100,21 +108,19 @@ def _base_times_delta(ctx, a, d):
     return out.unflatten(-1, (k, p)).movedim(-2, 1)
 
 
-def attention_delta(ctx, qb, kb, vb, dq, dk, dv, scale, mask):
+def attention_delta(ctx, qb, kb, vb, dq, dk, dv, scale, mask, p0=None):
     """The change of ``softmax(q k^T * scale + mask) v`` for deltas ``dq``, ``dk``, ``dv``
     (``(B, K, ...)`` or None) of base ``qb``, ``kb``, ``vb`` (``(B, ..., T, d)``). Each product
     changes by two terms, a delta times perturbed values plus base times a delta:
     ``(q k^T)' - q k^T = dq k'^T + q dk^T`` (``k' = k + dk``), ``(p v)' - p v = dp v' + p dv``: exact,
     nothing cancels, one GEMM fewer than the three-term product rule. The softmax changes in closed
-    form. Returns ``(d_out, d_p)`` (``d_p``: the change of the attention weights, None when neither
-    q nor k changed)."""
+    form. ``p0``: the base attention weights, when the caller has them. Returns ``(d_out, d_p)``
+    (``d_p``: the change of the attention weights, None when neither q nor k changed)."""
     prec = ctx.engine.delta_precision
-    logits = qb @ kb.transpose(-2, -1) * scale
     # The scale goes on the (T, d) factors, not on the (T, T) change of the logits.
     qb_s, dq = qb * scale, dq * scale if dq is not None else None
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
-    p0 = torch.softmax(logits, -1)
+    if p0 is None:
+        p0 = base_attention(qb, kb, scale, mask)
     d_p = None
     if dq is not None or dk is not None:
         d_logits = None
@@ -214,23 +220,53 @@ class _MHA:
         return t.transpose(-3, -2).flatten(-2)
 
     def projected(self):
-        """Base q, k, v (B, H, T, hd) and the attention output before out_proj (B, T, E)."""
+        """Base q, k, v (B, H, T, hd), the attention output before out_proj (B, T, E) and the
+        attention weights (B, H, T, T)."""
         def make():
             q, k, v = (self.heads_of(F.linear(x, w, b)) for x, w, b in zip(self.bases, self.w, self.b))
-            logits = q @ k.transpose(-2, -1) * self.scale
-            if self.mask is not None:
-                logits = logits.masked_fill(~self.mask, float("-inf")) if self.mask.dtype == torch.bool \
-                    else logits + self.mask
-            return q, k, v, self.merge_heads(torch.softmax(logits, -1) @ v)
+            p = base_attention(q, k, self.scale, self.mask)
+            return q, k, v, self.merge_heads(p @ v), p
         return self.ctx.base_cached((self.node, "mha"), make)
 
     def outputs(self, d_qkv):
         """The module's output representation(s) from the changes of q, k, v ((B, K, T, E) or None)."""
         ctx, m = self.ctx, self.m
-        q, k, v, _ = self.projected()
+        q, k, v, _, p0 = self.projected()
         dq, dk, dv = (self.heads_of(d) if d is not None else None for d in d_qkv)
-        d_o, d_p = attention_delta(ctx, q, k, v, dq, dk, dv, self.scale, self.mask)
+        d_o, d_p = attention_delta(ctx, q, k, v, dq, dk, dv, self.scale, self.mask, p0)
         d_y = delta_map(ctx.engine.delta_precision, F.linear, self.merge_heads(d_o), m.out_proj.weight)
+        return self.pack(d_y, d_p)
+
+    def head_local_outputs(self, which, feat, values_for):
+        """The output representation(s) when perturbation k changes one feature ``feat[k]`` of q, k or
+        v (``which[k]`` = 0, 1, 2) by ``values_for(which, sel)[..., i]`` ((B, T, n) for the n
+        perturbations ``sel`` of that input, i-th of them). That feature belongs to one head,
+        and every other head's output stays as it was: attention runs on the perturbed head only (the
+        K perturbed heads side by side where :func:`attention_delta` expects heads, under a
+        perturbation dim of one), and the out-projection reads that head's columns only, so both
+        cost 1/H of the dense rule's."""
+        ctx, hd = self.ctx, self.hd
+        q, k, v, _, p0 = self.projected()
+        b, kk = q.shape[0], feat.numel()
+        head, pos = feat // hd, feat % hd
+        d_o = q.new_zeros((b, kk, q.shape[2], hd))
+        d_p = q.new_zeros((b, kk, self.heads) + p0.shape[2:]) if self.need_weights else None
+        for w_i in range(3):
+            sel = (which == w_i).nonzero().flatten()
+            if sel.numel() == 0:
+                continue
+            hs = head[sel]
+            bases = [t.index_select(1, hs) for t in (q, k, v, p0)]  # (B, n, T, .): each one's head
+            d = q.new_zeros(bases[w_i].shape)
+            d[:, torch.arange(sel.numel(), device=d.device), :, pos[sel]] = values_for(w_i, sel).permute(2, 0, 1)
+            deltas = [d.unsqueeze(1) if i == w_i else None for i in range(3)]
+            o, p = attention_delta(ctx, *bases[:3], *deltas, self.scale, self.mask, bases[3])
+            d_o[:, sel] = o[:, 0]
+            if d_p is not None and p is not None:
+                d_p[:, sel, hs] = p[:, 0]
+        # The out-projection's columns of head h_k, per perturbation: (K, hd, E).
+        w_out = self.m.out_proj.weight.unflatten(1, (self.heads, hd)).index_select(1, head).permute(1, 2, 0)
+        d_y = delta_map(ctx.engine.delta_precision, torch.matmul, d_o, w_out)
         return self.pack(d_y, d_p)
 
     def pack(self, d_y, d_p):
@@ -286,18 +322,12 @@ def multihead_attention_source(ctx, node, path, param, idx, mu):
         return mha.pack(d_y, None)
     row = idx // e if path == "in_proj_weight" else idx
     which, feat = row // e, row % e
-    d_qkv = []
-    for w_i, x in enumerate(mha.bases):
-        sel = (which == w_i).nonzero().flatten()
-        if sel.numel() == 0:
-            d_qkv.append(None)
-            continue
-        vals = (x.index_select(-1, (idx % e)[sel]) * mu if path == "in_proj_weight"
-                else x.new_full((b, x.shape[1], sel.numel()), mu))  # (B, T, K_sel)
-        d = x.new_zeros((b, k, x.shape[1], e))
-        d.movedim(-1, 2)[:, sel, feat[sel]] = vals.movedim(-1, 1)
-        d_qkv.append(d)
-    return mha.outputs(d_qkv)
+    col = idx % e
+
+    def values_for(w_i, sel):  # (B, T, n): feature feat[sel] changes by mu * x[..., j] (the bias: by mu)
+        x = mha.bases[w_i]
+        return x.index_select(-1, col[sel]) * mu if path == "in_proj_weight" else x.new_full(x.shape[:2] + (sel.numel(),), mu)
+    return mha.head_local_outputs(which, feat, values_for)
 
 
 multihead_attention_source.any_call = True  # checks its own call (three inputs, keyword flags)
