@@ -78,3 +78,21 @@ def test_block_flops_resnet20():
     assert len(blocks) == 11
     # ResNet-20: about 41 M multiply-adds per 32x32 image
     assert 80e6 < sum(flops) < 84e6
+
+
+def test_matmul_flops_counts_what_runs_and_keeps_the_engine_on_its_path():
+    """``workloads.matmul_flops``: a conv and a linear by their formulas (2 x multiply-adds); around
+    an estimate, the engine still runs its delta rules (``FlopCounterMode`` would not let it)."""
+    import torch.nn as nn
+    import workloads as W
+    conv, lin = nn.Conv2d(3, 5, 3, padding=1), nn.Linear(7, 2)
+    x = torch.randn(4, 3, 6, 6)
+    assert W.matmul_flops(lambda: conv(x)) == 2 * 4 * 5 * 6 * 6 * 3 * 9
+    assert W.matmul_flops(lambda: lin(torch.randn(4, 7))) == 2 * 4 * 7 * 2
+    assert W.matmul_flops(lambda: torch.relu(x)) == 0
+    model, shape = _tiny("cnn")
+    cge = W.make_cge(model, "torch")
+    xb, y = torch.randn(*shape), torch.randint(0, 10, (shape[0],))
+    masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()}
+    assert W.matmul_flops(lambda: cge.estimate(xb, y, masks=masks)) > 0
+    assert cge.last_report.path != "functional" and cge.last_report.fast, cge.last_report
