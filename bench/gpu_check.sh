@@ -16,6 +16,10 @@
 #   bandwidth  a device-to-device copy: the memory roofline the kernels are held against
 #   bench      the benchmark's CGE workloads at GPU sizes (engine vs the paper's strategy and
 #              backprop) and every fused kernel, as pytest-benchmark JSON
+#   archs      the architecture group (ResNet-18 ... ViT, bench widths, batch 16): the engine against
+#              the paper's strategy, with each method's conv/matmul FLOPs (archs-summary.json), the
+#              run that tells whether the issue-15 ratios, bounded by those FLOP ratios on a CPU,
+#              grow where K-batched launches fill a GPU (the naive loop left out for time)
 # Then gpu_check_summary.py writes summary.json (one JSON: every part's status, selftest, tf32
 # errors, bench medians and same-run ratios, each kernel's minimum bytes / time as a fraction of
 # the copy bandwidth) and summary.md next to the logs.
@@ -73,4 +77,7 @@ part tf32 420 $PY python/experiments/delta_precision.py --quick --out "$RES"
 BSEL="(cnn_appB or resnet20_sampled or resnet20_layer3) and not no_reuse and not vmap"
 part bench 600 $PY -m pytest -q -p no:cacheprovider bench/test_cge.py bench/test_kernels.py --benchmark-only \
   "${SIZE[@]}" -k "$BSEL or test_kernel" --benchmark-json="$RES/bench.json" --bench-summary "$RES/bench-summary.json"
+ASIZE=(); [ "$DEV" = cpu ] && ASIZE=(--quick)  # default mode: the README's CPU table's sizes
+part archs 300 $PY -m pytest -q -p no:cacheprovider bench/test_archs.py --benchmark-only "${ASIZE[@]}" \
+  -k "not no_reuse" --benchmark-json="$RES/archs.json" --bench-summary "$RES/archs-summary.json"
 $PY bench/gpu_check_summary.py "$RES"

@@ -62,7 +62,17 @@ def summarize(folder: str) -> dict:
             "precision": _read(os.path.join(folder, "precision.json")),
             "bandwidth": _read(os.path.join(folder, "bandwidth.json")),
             "roofline": _roofline(bench, (_read(os.path.join(folder, "bandwidth.json")) or {}).get("copy_bytes_per_s")),
-            "bench": _bench(bench)}
+            "bench": _bench(bench), "archs": _archs(_read(os.path.join(folder, "archs-summary.json")))}
+
+
+def _archs(summary) -> dict:
+    """Per architecture and engine backend: same-run time ratio and FLOP ratio against the paper's strategy."""
+    out = {}
+    for group, wl in ((summary or {}).get("workloads") or {}).items():
+        for method, e in wl.get("engine", {}).items():
+            out[f"{group} {method}"] = {"x_ref": e.get("speedup_vs", {}).get("reference"),
+                                        "flops_x_ref": e.get("flop_ratio_vs", {}).get("reference")}
+    return out
 
 
 def markdown(s: dict) -> str:
@@ -71,6 +81,10 @@ def markdown(s: dict) -> str:
     bad = {k: {n: e for n, e in v.items() if e} for k, v in (s["selftest"] or {}).items()}
     lines += ["", "selftest: " + ("all kernels agree with the reference" if s["selftest"] and not any(bad.values())
                                   else json.dumps(bad or "not run"))]
+    if s.get("archs"):
+        lines += ["", "## architectures: engine against the paper's strategy (same run)", "",
+                  "| workload | x ref, time | x ref, FLOPs |", "|---|---|---|"]
+        lines += [f"| {k} | {v['x_ref'] or 0:.3g} | {v['flops_x_ref'] or 0:.3g} |" for k, v in s["archs"].items()]
     if s["roofline"]:
         lines += ["", "## fused kernels against the memory roofline (minimum bytes / median time)", "",
                   "| kernel | bytes | flops | median s | GB/s | GFLOP/s | fraction of copy bandwidth |",
