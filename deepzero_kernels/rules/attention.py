@@ -239,8 +239,8 @@ class _MHA:
 
     def head_local_outputs(self, which, feat, values_for):
         """The output representation(s) when perturbation k changes one feature ``feat[k]`` of q, k or
-        v (``which[k]`` = 0, 1, 2) by ``values_for(which, sel)[..., i]`` ((B, T, n) for the n
-        perturbations ``sel`` of that input, i-th of them). That feature belongs to one head,
+        v (``which[k]`` = 0, 1, 2): the i-th of the perturbations ``sel`` of input ``w`` by
+        ``values_for(w, sel)[..., i]`` (``(B, T, n)``). That feature belongs to one head,
         and every other head's output stays as it was: attention runs on the perturbed head only (the
         K perturbed heads side by side where :func:`attention_delta` expects heads, under a
         perturbation dim of one), and the out-projection reads that head's columns only, so both
@@ -302,7 +302,8 @@ def multihead_attention(ctx, node):
 @source_rule(nn.MultiheadAttention)
 def multihead_attention_source(ctx, node, path, param, idx, mu):
     """``in_proj_weight[i, j] += mu`` changes feature ``i mod E`` of q, k or v (``i // E``) by
-    ``mu * x[..., j]`` (``in_proj_bias``: by mu); ``out_proj.weight[i, j]`` changes output feature i
+    ``mu * x[..., j]`` (``in_proj_bias``: by mu), which is one head's (:meth:`_MHA.head_local_outputs`);
+    ``out_proj.weight[i, j]`` changes output feature i
     by ``mu * o[..., j]`` with ``o`` the base attention output (``out_proj.bias``: by mu)."""
     mha = _MHA(ctx, node)
     if not mha.ok or path not in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
