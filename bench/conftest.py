@@ -86,6 +86,12 @@ def _fmt(v, spec=".3g"):
     return "-" if v is None else format(v, spec)
 
 
+def _time_at(row: dict, n: int) -> float:
+    """A method's time projected to ``n`` coordinates in one call: its per-call part (``fixed_s``)
+    once, the per-coordinate rest of its timed call in proportion."""
+    return row["fixed_s"] + max(row["time_s"] - row["fixed_s"], 0.0) * n / row["n_pert"]
+
+
 def build_summary(reg: W.Registry) -> dict:
     out = {
         "device": W.device_label(),
@@ -130,10 +136,7 @@ def build_summary(reg: W.Registry) -> dict:
                     e["speedup_vs"][b] = br["time_s"] / r["time_s"]
                 mask = wl.get("mask_1pct")
                 if mask and all(q.get("fixed_s") is not None and q.get("n_pert") for q in (r, br)):
-                    # projected to the whole mask: the per-call part once, the per-coordinate part scaled
-                    def at_mask(q):
-                        return q["fixed_s"] + max(q["time_s"] - q["fixed_s"], 0.0) * mask / q["n_pert"]
-                    e.setdefault("mask_speedup_vs", {})[b] = at_mask(br) / at_mask(r)
+                    e.setdefault("mask_speedup_vs", {})[b] = _time_at(br, mask) / _time_at(r, mask)
                 if br.get("matmul_flops") and r.get("matmul_flops"):
                     # the same ratio in conv/matmul FLOPs: what the engine's arithmetic alone would give
                     e.setdefault("flop_ratio_vs", {})[b] = br["matmul_flops"] / r["matmul_flops"]

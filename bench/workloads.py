@@ -307,6 +307,18 @@ def workload_names(mode: str) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- conv FLOP rate
+def wall_times(fn, reps: int) -> List[float]:
+    """Seconds of ``reps`` calls of ``fn``, each between device syncs, sorted."""
+    ts = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)
+
+
 def measure_conv_rate(mode: str) -> dict:
     """Dense F.conv2d throughput (FLOP/s, 2 x MACs) on a few ResNet-20-like shapes; the best
     median is the machine's dense conv rate the efficiencies are relative to."""
@@ -322,14 +334,7 @@ def measure_conv_rate(mode: str) -> dict:
         fl = 2.0 * b * cout * hw * hw * cin * 9
         with torch.no_grad():
             F.conv2d(x, w, padding=1)
-            ts = []
-            for _ in range(reps):
-                sync()
-                t = time.perf_counter()
-                F.conv2d(x, w, padding=1)
-                sync()
-                ts.append(time.perf_counter() - t)
-        ts.sort()
+            ts = wall_times(lambda: F.conv2d(x, w, padding=1), reps)
         out[f"B{b}_C{cin}->{cout}_{hw}x{hw}"] = fl / ts[len(ts) // 2]
     return {"flops_per_s": max(out.values()), "shapes": out}
 
